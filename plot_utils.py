@@ -1,0 +1,222 @@
+"""Every figure of the project, and only figures.
+
+Each function builds and returns a `matplotlib.figure.Figure` from arrays the
+caller computed; saving and closing it is the caller's job.  Figures are made
+with `Figure` directly (not pyplot) so that none is left open in pyplot's
+registry.  Digits are drawn white on black (cmap "gray", values in [0, 1]), as
+MNIST stores them.
+"""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # scripts run headless; never open a window
+
+import numpy as np
+from matplotlib.colors import BoundaryNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 120
+DIGIT_CMAP = "gray"
+GAP_VALUE = 0.5  # mid-gray separators stand out against black digit backgrounds
+LOSS_PANELS = (
+    ("loss", "total"),
+    ("reconstruction_loss", "reconstruction"),
+    ("kl_loss", "KL divergence"),
+)
+
+
+def _new_figure(width, height):
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _as_images(images, ndim):
+    """Float array with any trailing channel axis of size 1 dropped, so
+    (N, 28, 28) and (N, 28, 28, 1) are both accepted."""
+    images = np.asarray(images, dtype=float)
+    if images.ndim == ndim + 1 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != ndim:
+        raise ValueError(f"expected {ndim}-d images, got shape {images.shape}")
+    return images
+
+
+def _tile(cells, ncols, gap):
+    """One mosaic image of `cells` (N, h, w) in rows of `ncols`, separated by
+    `gap` pixels of GAP_VALUE; one imshow is much faster and crisper than
+    one axes per image."""
+    n, h, w = cells.shape
+    nrows = math.ceil(n / ncols)
+    mosaic = np.full(
+        (nrows * (h + gap) - gap, ncols * (w + gap) - gap), GAP_VALUE
+    )
+    for k, cell in enumerate(cells):
+        row, col = divmod(k, ncols)
+        top, left = row * (h + gap), col * (w + gap)
+        mosaic[top : top + h, left : left + w] = cell
+    return mosaic
+
+
+def _show_digits(ax, mosaic):
+    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def loss_curves(history, title="VAE"):
+    """Train and test loss per epoch, one panel per term, since the KL term
+    is an order of magnitude smaller than the total and would look flat on a
+    shared axis."""
+    fig = _new_figure(7.2, 2.8)
+    axes = fig.subplots(1, len(LOSS_PANELS))
+    n_epochs = len(history["loss"])
+    epochs = np.arange(1, n_epochs + 1)
+    marker = "o" if n_epochs <= 30 else None  # a single epoch is a lone point
+    for ax, (key, name) in zip(axes, LOSS_PANELS):
+        ax.plot(epochs, history[key], marker=marker, ms=4, label="train")
+        ax.plot(epochs, history[f"val_{key}"], marker=marker, ms=4, label="test")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_xlim(0.5, n_epochs + 0.5)  # room for a lone first/last point
+        ax.xaxis.set_major_locator(
+            MaxNLocator(nbins=7, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
+        )
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False)  # same colours in every panel
+    axes[0].set_ylabel("loss (nats per image)")
+    fig.suptitle(f"{title}: loss per epoch")
+    return fig
+
+
+def reconstructions(originals, reconstructions, title="VAE"):
+    """The first 100 test digits, each beside its reconstruction, in a grid
+    of up to 10 x 10 pairs, so errors can be judged digit by digit."""
+    originals = _as_images(originals, 3)[:100]
+    reconstructed = _as_images(reconstructions, 3)[:100]
+    if originals.shape != reconstructed.shape:
+        raise ValueError(
+            f"{originals.shape[0]} originals but {reconstructed.shape[0]} "
+            "reconstructions, or different image sizes"
+        )
+    pairs = np.concatenate([originals, reconstructed], axis=2)
+    ncols = min(10, len(pairs))
+    mosaic = _tile(pairs, ncols=ncols, gap=4)
+    height, width = mosaic.shape
+    fig = _new_figure(6.4, 0.6 + 6.4 * height / width)
+    ax = fig.add_subplot()
+    _show_digits(ax, mosaic)
+    ax.set_title(f"{title}: reconstructions of test digits")
+    ax.set_xlabel("each pair: left original, right reconstruction")
+    return fig
+
+
+def latent_space(z, labels, title="VAE"):
+    """Encoder means of test images coloured by their digit, to show how the
+    classes are laid out; latents wider than 2 are projected on their first
+    two principal components, a 1-d latent is spread by digit on y."""
+    labels = np.asarray(labels).astype(int)
+    z = np.asarray(z, dtype=float).reshape(len(labels), -1)  # (N,) is one column
+    dim = z.shape[1]
+    fig = _new_figure(5.6, 4.8)
+    ax = fig.add_subplot()
+    if dim == 1:
+        jitter = np.random.default_rng(0).uniform(-0.35, 0.35, len(z))
+        x, y = z[:, 0], labels + jitter
+        ax.set_xlabel("z[0]")
+        ax.set_ylabel("digit label (jittered)")
+        ax.set_yticks(range(10))
+        ax.set_title(f"{title}: 1-d latent means of test digits")
+    elif dim == 2:
+        x, y = z[:, 0], z[:, 1]
+        ax.set_xlabel("z[0]")
+        ax.set_ylabel("z[1]")
+        ax.set_title(f"{title}: latent means of test digits")
+    else:
+        centred = z - z.mean(axis=0)
+        _, singular_values, components = np.linalg.svd(centred, full_matrices=False)
+        x, y = (centred @ components[:2].T).T
+        explained = singular_values**2 / np.sum(singular_values**2)
+        ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
+        ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)")
+        ax.set_title(f"{title}: PCA projection of the {dim}-d latent means")
+    marker_area = float(np.clip(4000 / len(z), 2, 30))  # small for 10k, visible for 20
+    points = ax.scatter(
+        x,
+        y,
+        c=labels,
+        cmap="tab10",
+        norm=BoundaryNorm(np.arange(-0.5, 10.5), ncolors=10),
+        s=marker_area,
+        alpha=0.6,
+        linewidths=0,
+    )
+    colorbar = fig.colorbar(points, ax=ax, ticks=range(10))
+    colorbar.set_label("digit")
+    colorbar.ax.minorticks_off()
+    colorbar.solids.set_alpha(1)  # the bar shows the colours, not the overlap
+    return fig
+
+
+def _tick_cells(n):
+    """Indices of about 6 of n cells, evenly spaced and symmetric about the
+    middle, so the tick labels of a symmetric grid read symmetrically and
+    no two ticks crowd each other."""
+    step = max(1, math.ceil((n - 1) / 6))
+    if (n - 1) % 2 and step % 2 == 0:
+        step -= 1  # an even step cannot be centred on an even number of cells
+    count = (n - 1) // step
+    if (n - 1 - count * step) % 2:
+        count -= 1
+    first = (n - 1 - count * step) // 2
+    return first + step * np.arange(count + 1)
+
+
+def _one_decimal(values):
+    """Labels like matplotlib's own: one decimal, a true minus sign, no "-0.0"."""
+    return [
+        f"{round(float(v), 1) + 0.0:.1f}".replace("-", "\N{MINUS SIGN}")
+        for v in values
+    ]
+
+
+def manifold(images, grid_values, title="VAE"):
+    """Decodings of a regular grid of 2-d latent points tiled into one image,
+    to show how digits morph across the latent plane.
+
+    images[i, j] must decode z = (grid_values[j], grid_values[::-1][i]):
+    columns go left to right with z[0], rows top to bottom from the largest
+    z[1] down, like a plot with z[1] upwards."""
+    images = _as_images(images, 4)
+    grid_values = np.asarray(grid_values, dtype=float)
+    n, _, h, w = images.shape
+    if images.shape[1] != n or len(grid_values) != n:
+        raise ValueError(
+            f"expected ({len(grid_values)}, {len(grid_values)}, h, w) images, "
+            f"got {images.shape}"
+        )
+    mosaic = images.transpose(0, 2, 1, 3).reshape(n * h, n * w)
+    fig = _new_figure(6.0, 6.0)
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
+    cells = _tick_cells(n)
+    ax.set_xticks(cells * w + (w - 1) / 2, _one_decimal(grid_values[cells]))
+    ax.set_yticks(cells * h + (h - 1) / 2, _one_decimal(grid_values[::-1][cells]))
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    ax.set_title(f"{title}: decoded latent grid")
+    return fig
+
+
+def samples(images, title="VAE"):
+    """Decodings of z ~ N(0, I) in a near-square grid (10 x 10 for 100), to
+    show what the generative model produces from its prior."""
+    images = _as_images(images, 3)
+    ncols = math.ceil(math.sqrt(len(images)))
+    fig = _new_figure(4.6, 4.9)
+    ax = fig.add_subplot()
+    _show_digits(ax, _tile(images, ncols=ncols, gap=2))
+    ax.set_title(f"{title}: samples from the prior")
+    return fig

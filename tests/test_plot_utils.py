@@ -1,0 +1,174 @@
+"""Every figure builds from small synthetic arrays, renders to a valid PNG,
+and carries the labels, titles and ticks a reader of the README relies on."""
+
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+# The scripts live at the repo root, which pytest does not put on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plot_utils  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path):
+    """(width, height) from the IHDR chunk, after checking the PNG signature."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == PNG_SIGNATURE
+    assert header[12:16] == b"IHDR"
+    return struct.unpack(">II", header[16:24])
+
+
+def render(fig, tmp_path, name="figure.png"):
+    assert isinstance(fig, Figure)
+    path = tmp_path / name
+    fig.savefig(path)
+    width, height = png_size(path)
+    assert 300 <= width <= 1600 and 100 <= height <= 1600
+    return width, height
+
+
+def history(n_epochs):
+    rng = np.random.default_rng(0)
+    keys = ["loss", "reconstruction_loss", "kl_loss"]
+    keys += [f"val_{key}" for key in keys]
+    return {key: list(rng.uniform(1, 200, n_epochs)) for key in keys}
+
+
+def digits(*shape):
+    return np.random.default_rng(0).uniform(0, 1, shape + (28, 28))
+
+
+def tick_texts(labels):
+    return [label.get_text() for label in labels]
+
+
+def as_float(text):
+    return float(text.replace("\N{MINUS SIGN}", "-"))
+
+
+@pytest.mark.parametrize("n_epochs", [1, 12])
+def test_loss_curves(tmp_path, n_epochs):
+    fig = plot_utils.loss_curves(history(n_epochs), title="Dense VAE")
+    render(fig, tmp_path)
+    assert "Dense VAE" in fig.get_suptitle()
+    assert [ax.get_title() for ax in fig.axes] == [
+        "total",
+        "reconstruction",
+        "KL divergence",
+    ]
+    assert "nats" in fig.axes[0].get_ylabel()
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "epoch"
+        assert len(ax.get_lines()) == 2  # train and test
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= n_epochs]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    assert tick_texts(fig.axes[0].get_legend().get_texts()) == ["train", "test"]
+    if n_epochs == 1:
+        assert all(line.get_marker() == "o" for line in fig.axes[0].get_lines())
+
+
+@pytest.mark.parametrize("n_images", [7, 150])
+def test_reconstructions_pairs_up_to_100(tmp_path, n_images):
+    originals = digits(n_images)
+    fig = plot_utils.reconstructions(originals, originals[..., None], title="Conv")
+    render(fig, tmp_path)
+    (ax,) = fig.axes
+    assert ax.get_title().startswith("Conv")
+    assert "left original" in ax.get_xlabel()
+    assert "right reconstruction" in ax.get_xlabel()
+    assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
+    mosaic = ax.get_images()[0].get_array()
+    pairs = min(n_images, 100)
+    columns = min(pairs, 10)
+    assert mosaic.shape[1] > columns * 56 and mosaic.shape[1] < columns * 64
+    assert mosaic.shape[0] >= -(-pairs // 10) * 28
+
+
+def test_reconstructions_rejects_mismatched_counts():
+    with pytest.raises(ValueError):
+        plot_utils.reconstructions(digits(5), digits(4))
+
+
+def test_latent_space_2d(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 20)
+    fig = plot_utils.latent_space(rng.normal(size=(20, 2)), labels, title="Dense VAE")
+    render(fig, tmp_path)
+    ax, colorbar_ax = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
+    assert ax.get_title().startswith("Dense VAE")
+    assert list(colorbar_ax.get_yticks()) == list(range(10))
+    assert tick_texts(colorbar_ax.get_yticklabels()) == [str(d) for d in range(10)]
+
+
+def test_latent_space_pca_for_5d(tmp_path):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 5)) * [5, 2, 1, 1, 1]
+    fig = plot_utils.latent_space(z, rng.integers(0, 10, 500))
+    render(fig, tmp_path)
+    ax = fig.axes[0]
+    assert "PCA" in ax.get_title() and "5-d" in ax.get_title()
+    assert ax.get_xlabel().startswith("PC 1")
+    assert ax.get_ylabel().startswith("PC 2")
+    x, y = ax.collections[0].get_offsets().T
+    assert np.var(x) > np.var(y)  # the first component carries the most variance
+
+
+def test_latent_space_1d(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 50)
+    fig = plot_utils.latent_space(rng.normal(size=(50, 1)), labels)
+    render(fig, tmp_path)
+    ax, colorbar_ax = fig.axes
+    assert ax.get_xlabel() == "z[0]"
+    assert "jitter" in ax.get_ylabel()
+    y = ax.collections[0].get_offsets()[:, 1]
+    assert np.all(np.abs(y - labels) < 0.5)  # each point stays at its digit's row
+    assert list(colorbar_ax.get_yticks()) == list(range(10))
+
+
+@pytest.mark.parametrize("n", [10, 30])
+def test_manifold_ticks_match_grid(tmp_path, n):
+    grid_values = np.linspace(-4, 4, n)
+    fig = plot_utils.manifold(digits(n, n)[..., None], grid_values, title="Dense VAE")
+    render(fig, tmp_path)
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
+    assert ax.get_title().startswith("Dense VAE")
+    assert ax.get_images()[0].get_array().shape == (n * 28, n * 28)
+    x_cells = (ax.get_xticks() - 13.5) / 28
+    y_cells = (ax.get_yticks() - 13.5) / 28
+    assert 4 <= len(x_cells) <= 12
+    assert np.allclose(x_cells, np.round(x_cells))
+    x_labels = [as_float(t) for t in tick_texts(ax.get_xticklabels())]
+    y_labels = [as_float(t) for t in tick_texts(ax.get_yticklabels())]
+    x_values = grid_values[np.round(x_cells).astype(int)]
+    y_values = grid_values[::-1][np.round(y_cells).astype(int)]
+    assert np.allclose(x_labels, x_values, atol=0.051)
+    assert np.allclose(y_labels, y_values, atol=0.051)
+    assert y_labels[0] > y_labels[-1]  # largest z[1] at the top
+    assert x_labels == [-v for v in x_labels[::-1]]  # symmetric grid, symmetric ticks
+
+
+def test_manifold_places_decodings_by_grid_position():
+    images = np.zeros((3, 3, 28, 28))
+    images[0, 2] = 1.0  # z = (largest z[0], largest z[1])
+    fig = plot_utils.manifold(images, np.array([-1.0, 0.0, 1.0]))
+    mosaic = fig.axes[0].get_images()[0].get_array()
+    assert mosaic[:28, 56:].min() == 1.0 and mosaic[28:, :].max() == 0.0
+
+
+def test_samples(tmp_path):
+    fig = plot_utils.samples(digits(100), title="Dense VAE")
+    render(fig, tmp_path)
+    (ax,) = fig.axes
+    assert ax.get_title().startswith("Dense VAE")
+    assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
+    rows, columns = ax.get_images()[0].get_array().shape
+    assert rows == columns  # 10 x 10

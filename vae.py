@@ -1,0 +1,782 @@
+"""Variational autoencoder on MNIST (Kingma & Welling, 2014): the dense model and the run pipeline.
+
+    python vae.py --latent-dim 2 --epochs 30
+
+Reads the whole experiment top to bottom: configuration, data, model, training (with checkpoints
+and resume), evaluation (test ELBO, importance-weighted log-likelihood, FIDs) and outputs.
+`conv_vae.py` reuses everything here and supplies only its encoder and decoder.
+"""
+
+import argparse
+import csv
+import gzip
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+import fid
+import plot_utils
+
+IMAGE_SHAPE = (28, 28, 1)
+TEST_BINARIZATION_SEED = 0  # the binarized test set is the same for every run, so results compare
+MANIFOLD_SIZE = 30
+MANIFOLD_LIMIT = 4.0
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input found before any work is lost: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+IDX_FILES = {
+    "x_train": ("train-images-idx3-ubyte", 0x803),
+    "y_train": ("train-labels-idx1-ubyte", 0x801),
+    "x_test": ("t10k-images-idx3-ubyte", 0x803),
+    "y_test": ("t10k-labels-idx1-ubyte", 0x801),
+}
+
+
+def read_idx(path, expected_magic):
+    """One IDX file (plain or gzip) as a uint8 array, checking magic number and size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UsageError(f"{path}: cannot read ({e})") from None
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != expected_magic:
+        raise UsageError(f"{path}: not an MNIST IDX file (magic number is not {expected_magic:#06x})")
+    ndim = expected_magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UsageError(f"{path}: truncated header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != math.prod(shape):
+        raise UsageError(f"{path}: header says shape {shape} but holds {len(raw) - header} bytes")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def load_idx_folder(folder):
+    arrays = {}
+    for key, (name, magic) in IDX_FILES.items():
+        candidates = [folder / name, folder / f"{name}.gz"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise UsageError(f"{folder}: missing {name} (or {name}.gz)")
+        arrays[key] = read_idx(path, magic)
+    return arrays
+
+
+def load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in IDX_FILES if key not in npz.files]
+            if missing:
+                raise UsageError(f"{path}: missing array(s) {', '.join(missing)} (has {', '.join(npz.files) or 'none'})")
+            return {key: npz[key] for key in IDX_FILES}
+    except UsageError:
+        raise
+    except Exception as e:  # zipfile, pickle and value errors all mean "not a usable .npz"
+        raise UsageError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+def check_mnist(arrays, source):
+    """Shapes, dtypes, label range and counts, so a wrong file fails now rather than mid-training."""
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or x.shape[0] == 0:
+            raise UsageError(f"{source}: x_{split} has shape {x.shape}, expected (N, 28, 28)")
+        if x.dtype != np.uint8:
+            raise UsageError(f"{source}: x_{split} has dtype {x.dtype}, expected uint8 pixels 0-255")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise UsageError(f"{source}: y_{split} has shape {y.shape}, expected ({x.shape[0]},) to match x_{split}")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
+            raise UsageError(f"{source}: y_{split} must hold integer labels 0-9")
+
+
+def load_mnist(path=None):
+    """(x_train, y_train, x_test, y_test) as uint8 arrays, from a .npz, an IDX folder or Keras' download."""
+    if path is None:
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        except Exception as e:
+            raise UsageError(f"cannot download MNIST ({type(e).__name__}); pass --data PATH to a local copy") from None
+        arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        source = "keras.datasets.mnist"
+    else:
+        source = Path(path)
+        if source.is_dir():
+            arrays = load_idx_folder(source)
+        elif source.is_file():
+            arrays = load_npz(source)
+        else:
+            raise UsageError(f"{source}: no such file or directory")
+    check_mnist(arrays, source)
+    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+
+
+def to_float_images(x):
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
+    return (x.astype(np.float32) / 255.0)[..., None]
+
+
+def binarize_once(x, seed):
+    """Bernoulli(intensity) draw of every pixel: the fixed binarized test set of the benchmark protocol."""
+    return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="mnist_vae")
+class Sampling(layers.Layer):
+    """z = mean + exp(log_var / 2) * eps: the reparameterisation trick, seeded."""
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        epsilon = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        return z_mean + ops.exp(0.5 * z_log_var) * epsilon
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def kl_divergence(z_mean, z_log_var):
+    """KL(q(z|x) || N(0, I)) per image, in closed form."""
+    return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
+
+
+def reconstruction_error(x, x_hat, likelihood):
+    """-log p(x|z) per image up to a constant: the original's 784 * MSE, or binary cross-entropy."""
+    axes = tuple(range(1, len(x.shape)))
+    if likelihood == "gaussian":
+        return ops.sum(ops.square(x - x_hat), axis=axes)
+    x_hat = ops.clip(x_hat, 1e-7, 1.0 - 1e-7)
+    return -ops.sum(x * ops.log(x_hat) + (1.0 - x) * ops.log(1.0 - x_hat), axis=axes)
+
+
+def log_likelihood_constant(num_pixels, likelihood):
+    """What turns the reconstruction error into true nats: squared error is -log N(x; x_hat, 1/2)
+    less 0.5 * log(pi) per pixel (392 * log(pi) = 448.8 nats for MNIST); cross-entropy needs nothing."""
+    return 0.5 * num_pixels * math.log(math.pi) if likelihood == "gaussian" else 0.0
+
+
+@keras.saving.register_keras_serializable(package="mnist_vae")
+class VAE(keras.Model):
+    """Encoder -> Sampling -> decoder, trained on the negative ELBO (reconstruction + KL)."""
+
+    def __init__(self, encoder, decoder, likelihood="gaussian", binarize="none", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.binarize = binarize
+        self.seed = seed
+        self.sampling = Sampling(seed=seed)
+        self.binarize_seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_tracker = keras.metrics.Mean(name="kl_loss")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.reconstruction_tracker, self.kl_tracker]
+
+    def call(self, x, training=False):
+        z_mean, z_log_var = self.encoder(x, training=training)
+        return self.decoder(self.sampling([z_mean, z_log_var]), training=training)
+
+    def loss_terms(self, x, training):
+        z_mean, z_log_var = self.encoder(x, training=training)
+        x_hat = self.decoder(self.sampling([z_mean, z_log_var]), training=training)
+        reconstruction = ops.mean(reconstruction_error(x, x_hat, self.likelihood))
+        kl = ops.mean(kl_divergence(z_mean, z_log_var))
+        return reconstruction + kl, reconstruction, kl
+
+    def track(self, total, reconstruction, kl):
+        self.loss_tracker.update_state(total)
+        self.reconstruction_tracker.update_state(reconstruction)
+        self.kl_tracker.update_state(kl)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        x = data[0] if isinstance(data, tuple) else data
+        if self.binarize == "dynamic":
+            noise = keras.random.uniform(ops.shape(x), seed=self.binarize_seed_generator)
+            x = ops.cast(noise < x, x.dtype)
+        with tf.GradientTape() as tape:
+            total, reconstruction, kl = self.loss_terms(x, training=True)
+        gradients = tape.gradient(total, self.trainable_weights)
+        self.optimizer.apply(gradients, self.trainable_weights)
+        return self.track(total, reconstruction, kl)
+
+    def test_step(self, data):
+        x = data[0] if isinstance(data, tuple) else data
+        return self.track(*self.loss_terms(x, training=False))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "decoder": keras.saving.serialize_keras_object(self.decoder),
+            "likelihood": self.likelihood,
+            "binarize": self.binarize,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
+        return cls(**config)
+
+
+def dense_encoder(args):
+    """784 -> Dense(hidden, relu) -> (mean, log-variance), as in the original."""
+    x = keras.Input(IMAGE_SHAPE)
+    h = layers.Dense(args.hidden_dim, activation="relu")(layers.Flatten()(x))
+    z_mean = layers.Dense(args.latent_dim, name="z_mean")(h)
+    z_log_var = layers.Dense(args.latent_dim, name="z_log_var")(h)
+    return keras.Model(x, [z_mean, z_log_var], name="encoder")
+
+
+def dense_decoder(args):
+    """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original."""
+    z = keras.Input((args.latent_dim,))
+    h = layers.Dense(args.hidden_dim, activation="relu")(z)
+    x_hat = layers.Dense(math.prod(IMAGE_SHAPE), activation="sigmoid")(h)
+    return keras.Model(z, layers.Reshape(IMAGE_SHAPE)(x_hat), name="decoder")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+def encode(model, x, batch_size=1000):
+    """Posterior means and log-variances of all images."""
+    z_mean, z_log_var = model.encoder.predict(x, batch_size=batch_size, verbose=0)
+    return z_mean, z_log_var
+
+
+def decode(model, z, batch_size=1000):
+    return model.decoder.predict(z, batch_size=batch_size, verbose=0)
+
+
+def evaluate_elbo(model, x, seed):
+    """One z ~ q(z|x) per test image with fixed noise (deterministic, unlike a fit-time metric).
+
+    Returns the reconstructions (as the original's `vae.predict`) and the per-image ELBO terms in nats.
+    """
+    z_mean, z_log_var = encode(model, x)
+    epsilon = np.random.default_rng(seed).standard_normal(z_mean.shape).astype(np.float32)
+    reconstructions = decode(model, z_mean + np.exp(0.5 * z_log_var) * epsilon)
+    error = ops.convert_to_numpy(reconstruction_error(x, reconstructions, model.likelihood))
+    nll = error + log_likelihood_constant(math.prod(x.shape[1:]), model.likelihood)
+    kl = ops.convert_to_numpy(kl_divergence(z_mean, z_log_var))
+    return reconstructions, nll, kl
+
+
+def normal_log_density(x, log_var=0.0):
+    return -0.5 * (math.log(2 * math.pi) + log_var + ops.square(x) / ops.exp(log_var))
+
+
+def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_batch=100,
+                                       samples_per_chunk=None, verbose=True):
+    """log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), per image.
+
+    Images go through in batches and their K samples in chunks, so memory stays bounded; the
+    log-weights of one batch are combined with log-sum-exp, which is stable for any magnitude.
+    """
+    num_pixels = math.prod(x.shape[1:])
+    constant = log_likelihood_constant(num_pixels, model.likelihood)
+    samples_per_chunk = samples_per_chunk or max(1, min(num_samples, 20000 // images_per_batch))
+
+    @tf.function
+    def log_weights(x_batch, z_mean, z_log_var, epsilon):
+        z = z_mean[:, None, :] + ops.exp(0.5 * z_log_var)[:, None, :] * epsilon
+        log_q = ops.sum(normal_log_density(epsilon) - 0.5 * z_log_var[:, None, :], axis=-1)
+        log_prior = ops.sum(normal_log_density(z), axis=-1)
+        batch, chunk, latent = ops.shape(epsilon)
+        x_hat = model.decoder(ops.reshape(z, (batch * chunk, latent)), training=False)
+        x_repeated = ops.repeat(x_batch, chunk, axis=0)
+        log_px = -(reconstruction_error(x_repeated, x_hat, model.likelihood) + constant)
+        return ops.reshape(log_px, (batch, chunk)) + log_prior - log_q
+
+    rng = np.random.default_rng(seed)
+    z_mean, z_log_var = encode(model, x)
+    estimates = np.empty(len(x))
+    start = time.perf_counter()
+    for begin in range(0, len(x), images_per_batch):
+        end = min(begin + images_per_batch, len(x))
+        chunks = []
+        for done in range(0, num_samples, samples_per_chunk):
+            size = min(samples_per_chunk, num_samples - done)
+            epsilon = rng.standard_normal((end - begin, size, z_mean.shape[1])).astype(np.float32)
+            chunks.append(log_weights(x[begin:end], z_mean[begin:end], z_log_var[begin:end], epsilon))
+        all_weights = ops.concatenate(chunks, axis=1)
+        estimates[begin:end] = ops.convert_to_numpy(ops.logsumexp(all_weights, axis=1)) - math.log(num_samples)
+        if verbose:
+            elapsed = time.perf_counter() - start
+            remaining = elapsed / end * (len(x) - end)
+            print(f"\rimportance-weighted log-likelihood (K={num_samples}): {end}/{len(x)} images, "
+                  f"{elapsed:.0f} s elapsed, ~{remaining:.0f} s left", end="", flush=True)
+    if verbose:
+        print()
+    return estimates
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+# What defines a run: a resumed run must agree on these (the rest may change between calls).
+RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
+                "train_size", "test_size")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(description, epochs, batch_size, results_dir):
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = parser.add_argument_group("model and training")
+    train.add_argument("--latent-dim", type=positive_int, default=2, help="size of z")
+    train.add_argument("--epochs", type=positive_int, default=epochs, help="total epochs to train to")
+    train.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per step")
+    train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, sampling and evaluation")
+    train.add_argument("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
+                       help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli is binary cross-entropy")
+    train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
+                       help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use (test set: once, fixed)")
+    train.add_argument("--plain", action="store_true",
+                       help="plain Keras path (arrays into fit, one step per call, no XLA): same math, slower; the speed baseline")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four MNIST IDX files; "
+                           "default: keras.datasets.mnist download")
+    data.add_argument("--train-size", type=positive_int, default=None, help="train on the first N images (quick runs)")
+    data.add_argument("--test-size", type=positive_int, default=None, help="evaluate on the first N test images")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--fid", choices=("none", "pixel", "inception", "all"), default="all",
+                            help="which FIDs to report (pixel: the original's metric; inception: the standard one)")
+    evaluation.add_argument("--fid-samples", type=positive_int, default=10000,
+                            help="prior samples compared with the test images")
+    evaluation.add_argument("--inception-weights", default="imagenet",
+                            help="'imagenet' (Keras download) or a path to InceptionV3 weights for offline machines")
+    evaluation.add_argument("--fid-batch-size", type=positive_int, default=50, help="images per Inception batch")
+    evaluation.add_argument("--iw-samples", type=non_negative_int, default=5000,
+                            help="K of the importance-weighted log-likelihood estimate; 0 skips it")
+    runs = parser.add_argument_group("outputs and long runs")
+    runs.add_argument("--results-dir", default=results_dir, help="where every output and checkpoint goes")
+    runs.add_argument("--resume", action="store_true", help="continue the run in --results-dir to --epochs")
+    runs.add_argument("--overwrite", action="store_true", help="replace a run already in --results-dir")
+    runs.add_argument("--evaluate-only", action="store_true",
+                      help="rebuild figures and metrics from the saved model, without training")
+    runs.add_argument("--model", default=None, help="with --evaluate-only: a .keras file instead of <results-dir>/model.keras")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: every file is written to a temporary name and renamed, so none is ever half-written
+# ----------------------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Call write(temporary_path), then rename onto path (atomic on one file system)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def write_json(path, data):
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_history_csv(path, history, seconds_per_epoch):
+    def write(temporary):
+        with open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", *history, "seconds"])
+            for epoch, row in enumerate(zip(*history.values(), seconds_per_epoch), start=1):
+                writer.writerow([epoch, *(f"{value:.6g}" for value in row)])
+    atomic_write(path, write)
+
+
+def save_figure(figure, path):
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda p: figure.savefig(p, format="png"))
+    plt.close(figure)
+
+
+def save_model(model, path):
+    atomic_write(path, model.save)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+class TrainingState(keras.callbacks.Callback):
+    """Keeps the history across resumes, checkpoints every good epoch and stops on a NaN loss.
+
+    The model of epoch N goes to checkpoint-epochN.keras first, then checkpoint.json (the commit
+    point) names it, then the older model file is removed: a kill at any moment leaves a consistent
+    checkpoint behind.
+    """
+
+    def __init__(self, results_dir, config, history=None, seconds_per_epoch=None):
+        super().__init__()
+        self.results_dir = results_dir
+        self.config = config
+        self.history = history or {}
+        self.seconds_per_epoch = seconds_per_epoch or []
+        self.diverged_epoch = None
+
+    @property
+    def epochs_done(self):
+        return len(self.seconds_per_epoch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and not math.isfinite(float(logs["loss"])):
+            self.diverged_epoch = self.epochs_done + 1
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged_epoch or not all(math.isfinite(float(v)) for v in logs.values()):
+            self.diverged_epoch = self.diverged_epoch or self.epochs_done + 1
+            self.model.stop_training = True
+            return
+        self.seconds_per_epoch.append(time.perf_counter() - self.epoch_start)
+        for name, value in logs.items():
+            self.history.setdefault(name, []).append(float(value))
+        previous = read_checkpoint(self.results_dir)
+        model_file = f"checkpoint-epoch{self.epochs_done}.keras"
+        save_model(self.model, self.results_dir / model_file)
+        write_json(self.results_dir / CHECKPOINT_STATE, {
+            "epochs_done": self.epochs_done, "model_file": model_file, "config": self.config,
+            "history": self.history, "seconds_per_epoch": self.seconds_per_epoch})
+        if previous and previous["model_file"] != model_file:
+            (self.results_dir / previous["model_file"]).unlink(missing_ok=True)
+
+
+def read_checkpoint(results_dir):
+    path = results_dir / CHECKPOINT_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if not (results_dir / state["model_file"]).is_file():
+            raise ValueError(f"{state['model_file']} is missing")
+        return state
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{path}: unusable checkpoint ({e}); use --overwrite to start again") from None
+
+
+def load_saved_model(path):
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:
+        raise UsageError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def check_results_dir(args, parser, run_defining):
+    """Refuse to clobber a run, and prove the directory is writable, before anything is trained."""
+    results_dir = Path(args.results_dir)
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        probe = results_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{results_dir}: not writable ({e.strerror})") from None
+    if args.overwrite:
+        for old in [results_dir / "metrics.json", results_dir / CHECKPOINT_STATE, *results_dir.glob("checkpoint-epoch*.keras")]:
+            old.unlink(missing_ok=True)
+        return results_dir, None
+    state = read_checkpoint(results_dir)
+    finished = (results_dir / "metrics.json").is_file()
+    if args.evaluate_only:
+        model_path = Path(args.model) if args.model else results_dir / "model.keras"
+        if not model_path.is_file():
+            raise UsageError(f"{model_path}: no saved model to evaluate (train first, or pass --model PATH)")
+        return results_dir, state
+    if args.resume:
+        if state is None:
+            raise UsageError(f"{results_dir}: no checkpoint to resume from")
+        for key, saved in state["config"].items():
+            if key in run_defining:
+                given = getattr(args, key)
+                if given != saved and given != parser.get_default(key):
+                    raise UsageError(f"--{key.replace('_', '-')} {given} differs from the checkpointed run's {saved}")
+        if state["epochs_done"] >= args.epochs:
+            raise UsageError(f"{results_dir}: already trained {state['epochs_done']} epochs; "
+                             "pass a larger --epochs, or use --evaluate-only")
+        return results_dir, state
+    if finished or state:
+        what = "a finished run" if finished else f"an interrupted run ({state['epochs_done']} epochs)"
+        raise UsageError(f"{results_dir} holds {what}: use --resume to continue it, "
+                         "--evaluate-only to re-evaluate it, or --overwrite to replace it")
+    return results_dir, None
+
+
+def prepare_inception(args):
+    """Load Inception before training: a bad weights file is an input error; no download is a warning."""
+    if args.fid not in ("inception", "all"):
+        return None, None
+    try:
+        return fid.load_inception(args.inception_weights), None
+    except fid.InceptionUnavailable as e:
+        if args.inception_weights != "imagenet":
+            raise UsageError(f"--inception-weights: {e}") from None
+        print(f"warning: Inception weights unavailable ({e}); Inception FIDs will be null. "
+              "Pass --inception-weights PATH on an offline machine.")
+        return None, str(e)
+
+
+def make_datasets(args, x_train, x_test):
+    """The fast path: a tf.data pipeline shuffling on the fly, prefetching ahead of the step."""
+    train = (tf.data.Dataset.from_tensor_slices(x_train)
+             .shuffle(len(x_train), seed=args.seed, reshuffle_each_iteration=True)
+             .batch(args.batch_size).prefetch(tf.data.AUTOTUNE))
+    test = tf.data.Dataset.from_tensor_slices(x_test).batch(max(args.batch_size, 1000)).prefetch(tf.data.AUTOTUNE)
+    return train, test
+
+
+def compile_model(model, args, num_train):
+    fast = not args.plain
+    steps = math.ceil(num_train / args.batch_size)
+    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), jit_compile=fast,
+                  steps_per_execution=min(steps, 100) if fast else 1)
+
+
+def train(model, args, results_dir, x_train, x_test, state):
+    """model.fit from the checkpointed epoch; returns the TrainingState callback (history, timings)."""
+    tracker = TrainingState(results_dir, config=run_config(args),
+                            history=state and state["history"], seconds_per_epoch=state and state["seconds_per_epoch"])
+    initial_epoch = tracker.epochs_done
+    if args.plain:
+        fit_data = dict(x=x_train, batch_size=args.batch_size, validation_data=(x_test,), shuffle=True)
+    else:
+        train_data, test_data = make_datasets(args, x_train, x_test)
+        fit_data = dict(x=train_data, validation_data=test_data)
+    try:
+        model.fit(**fit_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=[tracker], verbose=2 if os.environ.get("CI") else 1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {tracker.epochs_done} complete epoch(s) are checkpointed in {results_dir}.")
+        print(f"resume with: python {sys.argv[0]} --results-dir {results_dir} --resume --epochs {args.epochs}"
+              + ("" if args.data is None else f" --data {args.data}"))
+        raise SystemExit(130)
+    if tracker.diverged_epoch:
+        print(f"error: the loss became NaN or infinite in epoch {tracker.diverged_epoch}; training stopped. "
+              f"The last good checkpoint ({tracker.epochs_done} epochs) is in {results_dir}; "
+              "try a smaller --learning-rate.", file=sys.stderr)
+        raise SystemExit(1)
+    return tracker
+
+
+def run_config(args):
+    return {key: value for key, value in vars(args).items()
+            if key not in ("resume", "overwrite", "evaluate_only", "model")}
+
+
+def evaluate(model, args, title, results_dir, x_test, y_test, inception, inception_error):
+    """Figures, ELBO, importance-weighted log-likelihood and FIDs; deterministic for a given seed."""
+    metrics = {}
+    test_images = binarize_once(x_test, TEST_BINARIZATION_SEED) if args.binarize == "dynamic" else x_test
+    reconstructions, nll, kl = evaluate_elbo(model, test_images, args.seed)
+    metrics.update(test_elbo=float(-np.mean(nll + kl)), test_reconstruction_nll=float(np.mean(nll)),
+                   test_kl=float(np.mean(kl)))
+    save_figure(plot_utils.reconstructions(test_images[:100], reconstructions[:100], title=title),
+                results_dir / "reconstruction_images.png")
+
+    z_mean, _ = encode(model, test_images)
+    save_figure(plot_utils.latent_space(z_mean, y_test, title=title), results_dir / "latent_space_representation.png")
+    if z_mean.shape[1] == 2:
+        grid = np.linspace(-MANIFOLD_LIMIT, MANIFOLD_LIMIT, MANIFOLD_SIZE, dtype=np.float32)
+        z_grid = np.stack(np.meshgrid(grid, grid[::-1]), axis=-1).reshape(-1, 2)  # row 0 = largest z[1]
+        cells = decode(model, z_grid).reshape(MANIFOLD_SIZE, MANIFOLD_SIZE, 28, 28)
+        save_figure(plot_utils.manifold(cells, grid, title=title), results_dir / "mnist_manifold.png")
+    else:
+        print(f"note: latent dimension {z_mean.shape[1]}: the 2-D manifold figure is skipped")
+
+    prior_rng = np.random.default_rng(args.seed + 1)
+    samples = decode(model, prior_rng.standard_normal((args.fid_samples, z_mean.shape[1])).astype(np.float32))
+    save_figure(plot_utils.samples(samples[:100], title=title), results_dir / "samples.png")
+
+    if args.iw_samples:
+        start = time.perf_counter()
+        log_likelihood = importance_weighted_log_likelihood(model, test_images, args.iw_samples, args.seed)
+        metrics.update(test_log_likelihood_iw=float(np.mean(log_likelihood)), iw_samples=args.iw_samples,
+                       iw_seconds=round(time.perf_counter() - start, 2))
+    metrics.update(fids(args, test_images, reconstructions, samples, inception, inception_error))
+    return metrics
+
+
+def fids(args, test_images, reconstructions, samples, inception, inception_error):
+    results = {}
+    if args.fid in ("pixel", "all"):
+        real = fid.compute_statistics(test_images, "pixel", verbose=False)
+        for name, images in (("recon", reconstructions), ("samples", samples)):
+            results[f"fid_pixel_{name}"] = fid.frechet_distance(real, fid.compute_statistics(images, "pixel", verbose=False))
+    if args.fid in ("inception", "all"):
+        if inception is None:
+            results.update(fid_inception_recon=None, fid_inception_samples=None, fid_inception_error=inception_error)
+        else:
+            real = fid.compute_statistics(test_images, "inception", inception, args.fid_batch_size,
+                                          cache_dir=fid.default_cache_dir())
+            for name, images in (("recon", reconstructions), ("samples", samples)):
+                print(f"Inception FID, test images vs {name}:")
+                statistics = fid.compute_statistics(images, "inception", inception, args.fid_batch_size)
+                results[f"fid_inception_{name}"] = fid.frechet_distance(real, statistics)
+    return results
+
+
+def library_versions():
+    import matplotlib
+    import scipy
+
+    return {"python": sys.version.split()[0], "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "matplotlib": matplotlib.__version__}
+
+
+def print_summary(title, metrics, results_dir):
+    print(f"\n{title}: {metrics['epochs']} epochs, results in {results_dir}/")
+    shown = ["final_train_loss", "final_test_loss", "test_elbo", "test_log_likelihood_iw",
+             "fid_pixel_recon", "fid_pixel_samples", "fid_inception_recon", "fid_inception_samples"]
+    for key in shown:
+        if key in metrics:
+            value = metrics[key]
+            print(f"  {key:26s} {'null' if value is None else f'{value:.3f}'}")
+    if metrics.get("seconds_per_epoch"):
+        print(f"  {'median seconds per epoch':26s} {np.median(metrics['seconds_per_epoch']):.2f}")
+
+
+def run(args, parser, build_encoder, build_decoder, title, run_defining):
+    results_dir, state = check_results_dir(args, parser, run_defining)
+    if state and (args.resume or args.evaluate_only):
+        for key in run_defining:
+            setattr(args, key, state["config"][key])
+    x_train, y_train, x_test, y_test = load_mnist(args.data)
+    x_train = to_float_images(x_train[:args.train_size])
+    x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
+    inception, inception_error = prepare_inception(args)
+
+    if args.evaluate_only:
+        model = load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
+        args.likelihood, args.binarize = model.likelihood, model.binarize
+        history = state["history"] if state else None
+        seconds_per_epoch = state["seconds_per_epoch"] if state else []
+    else:
+        keras.utils.set_random_seed(args.seed)
+        if state:
+            model = load_saved_model(results_dir / state["model_file"])
+            print(f"resuming from epoch {state['epochs_done']} of {args.epochs}")
+        else:
+            model = VAE(build_encoder(args), build_decoder(args), likelihood=args.likelihood,
+                        binarize=args.binarize, seed=args.seed)
+            compile_model(model, args, len(x_train))
+        tracker = train(model, args, results_dir, x_train, x_test, state)
+        history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
+        save_model(model, results_dir / "model.keras")
+        write_history_csv(results_dir / "history.csv", history, seconds_per_epoch)
+    if history:
+        save_figure(plot_utils.loss_curves(history, title=title), results_dir / "loss_curves.png")
+
+    metrics = {"model": title, "epochs": len(seconds_per_epoch), "config": run_config(args),
+               "versions": library_versions(), "seconds_per_epoch": [round(s, 3) for s in seconds_per_epoch]}
+    if history:
+        for name in ("loss", "reconstruction_loss", "kl_loss"):
+            metrics[f"final_train_{name}"] = history[name][-1]
+            metrics[f"final_test_{name}"] = history[f"val_{name}"][-1]
+    metrics.update(evaluate(model, args, title, results_dir, x_test, y_test, inception, inception_error))
+    write_json(results_dir / "metrics.json", metrics)
+    print_summary(title, metrics, results_dir)
+
+
+def main(argv=None, title="Dense VAE", build_encoder=dense_encoder, build_decoder=dense_decoder,
+         epochs=30, batch_size=64, results_dir="results/vae", add_arguments=None):
+    """Parse, validate, run; every input error becomes one line and exit code 2."""
+    parser = build_parser(__doc__.splitlines()[0] if title == "Dense VAE" else title, epochs, batch_size, results_dir)
+    architecture = parser.add_argument_group("architecture")
+    if add_arguments:
+        architecture_options = add_arguments(architecture)
+    else:
+        architecture.add_argument("--hidden-dim", type=positive_int, default=256, help="units of the hidden layer")
+        architecture_options = ("hidden_dim",)
+    args = parser.parse_args(argv)
+    if args.model and not args.evaluate_only:
+        parser.error("--model goes with --evaluate-only")
+    if sum((args.resume, args.overwrite, args.evaluate_only)) > 1:
+        parser.error("choose one of --resume, --overwrite and --evaluate-only")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill checkpoints like Ctrl-C
+    try:
+        run(args, parser, build_encoder, build_decoder, title, RUN_DEFINING + tuple(architecture_options))
+    except UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted: the checkpoints and outputs already written are intact")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
