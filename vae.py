@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -83,6 +84,8 @@ def load_idx_folder(folder):
 
 
 def load_npz(path):
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path}: not an .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [key for key in IDX_FILES if key not in npz.files]
@@ -629,9 +632,10 @@ def train(model, args, results_dir, x_train, x_test, state):
               + ("" if args.data is None else f" --data {args.data}"))
         raise SystemExit(130)
     if tracker.diverged_epoch:
-        print(f"error: the loss became NaN or infinite in epoch {tracker.diverged_epoch}; training stopped. "
-              f"The last good checkpoint ({tracker.epochs_done} epochs) is in {results_dir}; "
-              "try a smaller --learning-rate.", file=sys.stderr)
+        kept = (f"the last good checkpoint ({tracker.epochs_done} epochs) is kept in {results_dir}"
+                if tracker.epochs_done else "no epoch completed, so there is no checkpoint")
+        print(f"error: the loss became NaN or infinite in epoch {tracker.diverged_epoch}; training stopped and "
+              f"{kept}. Try a smaller --learning-rate.", file=sys.stderr)
         raise SystemExit(1)
     return tracker
 

@@ -1,0 +1,66 @@
+"""Shared test fixtures: the repo root on sys.path, tiny MNIST-shaped files, and script runs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+sys.path.insert(0, str(ROOT))  # the scripts live at the repo root
+
+# Tests never touch the user's FID cache.
+os.environ["XDG_CACHE_HOME"] = str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"mnist-vae-test-cache-{os.getpid()}")
+
+
+def tiny_digits(count, rng):
+    """Blurry strokes, so a few epochs learn something, as uint8 28x28 images with labels."""
+    labels = rng.integers(0, 10, count).astype(np.uint8)
+    rows, cols = np.mgrid[0:28, 0:28]
+    images = np.zeros((count, 28, 28), np.float32)
+    for i, label in enumerate(labels):
+        angle = label * np.pi / 10 + rng.normal(0, 0.1)
+        distance = np.abs((rows - 14) * np.cos(angle) - (cols - 14) * np.sin(angle))
+        images[i] = np.exp(-distance**2 / 4) * (np.hypot(rows - 14, cols - 14) < 11)
+    return (images * 255).astype(np.uint8), labels
+
+
+def write_tiny_mnist(path, train=256, test=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x_train, y_train = tiny_digits(train, rng)
+    x_test, y_test = tiny_digits(test, rng)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    return write_tiny_mnist(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def real_mnist():
+    """The full MNIST beside the repo; CI must have it, elsewhere its tests are skipped."""
+    if not REAL_MNIST.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{REAL_MNIST} is missing: CI must run the real-data tests")
+        pytest.skip(f"{REAL_MNIST} not found")
+    return REAL_MNIST
+
+
+QUICK = ["--epochs", "2", "--batch-size", "32", "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "8"]
+
+
+def run_script(script, *args, timeout=300, **kwargs):
+    """Run vae.py or conv_vae.py as a user would, capturing its output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def error_lines(stderr):
+    """Our own stderr lines, without TensorFlow's start-up log noise."""
+    noise = ("WARNING: All log messages", "I0000", "W0000", "E0000", "To enable the following instructions")
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(noise)]

@@ -1,0 +1,429 @@
+"""vae.py: data loading and its errors, the model's maths, the likelihood estimates, and whole runs."""
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from conftest import QUICK, ROOT, error_lines, run_script, write_tiny_mnist
+from scipy.stats import multivariate_normal
+
+import fid
+import vae
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def write_idx(path, array, magic, compress=False):
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    (gzip.open if compress else open)(path, "wb").write(header + array.astype(np.uint8).tobytes())
+
+
+def write_idx_folder(folder, npz, compress=False):
+    folder.mkdir()
+    with np.load(npz) as data:
+        for key, (name, magic) in vae.IDX_FILES.items():
+            write_idx(folder / (name + (".gz" if compress else "")), data[key], magic, compress)
+    return folder
+
+
+def test_npz_loads_as_uint8_arrays(tiny_mnist):
+    x_train, y_train, x_test, y_test = vae.load_mnist(tiny_mnist)
+    assert x_train.shape == (256, 28, 28) and x_test.shape == (64, 28, 28)
+    assert x_train.dtype == np.uint8 and y_train.shape == (256,) and y_test.max() <= 9
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_folder_matches_npz(tiny_mnist, tmp_path, compress):
+    folder = write_idx_folder(tmp_path / "idx", tiny_mnist, compress)
+    for from_idx, from_npz in zip(vae.load_mnist(folder), vae.load_mnist(tiny_mnist)):
+        np.testing.assert_array_equal(from_idx, from_npz)
+
+
+def corrupt(tmp_path, tiny_mnist, **replace):
+    with np.load(tiny_mnist) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays.update(replace)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(tmp_path / "bad.npz", **arrays)
+    return tmp_path / "bad.npz"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x_train=None), "missing array(s) x_train"),
+    (dict(x_test=np.zeros((64, 28, 27), np.uint8)), "shape (64, 28, 27), expected (N, 28, 28)"),
+    (dict(x_train=np.zeros((256, 28, 28), np.float32)), "dtype float32"),
+    (dict(y_test=np.full(64, 10)), "labels 0-9"),
+    (dict(y_train=np.zeros(255, np.uint8)), "to match x_train"),
+])
+def test_bad_npz_is_a_one_line_usage_error(tmp_path, tiny_mnist, change, message):
+    with pytest.raises(vae.UsageError, match="bad.npz") as error:
+        vae.load_mnist(corrupt(tmp_path, tiny_mnist, **change))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unreadable_paths_are_usage_errors(tmp_path, tiny_mnist):
+    (tmp_path / "noise.npz").write_bytes(os.urandom(500))
+    with pytest.raises(vae.UsageError, match="not an .npz file"):
+        vae.load_mnist(tmp_path / "noise.npz")
+    with pytest.raises(vae.UsageError, match="no such file"):
+        vae.load_mnist(tmp_path / "absent.npz")
+    folder = write_idx_folder(tmp_path / "idx", tiny_mnist)
+    (folder / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(vae.UsageError, match="missing t10k-labels-idx1-ubyte"):
+        vae.load_mnist(folder)
+
+
+def test_bad_idx_files_are_usage_errors(tmp_path, tiny_mnist):
+    folder = write_idx_folder(tmp_path / "idx", tiny_mnist)
+    images = folder / "train-images-idx3-ubyte"
+    good = images.read_bytes()
+    images.write_bytes(good[:-100])
+    with pytest.raises(vae.UsageError, match="header says shape"):
+        vae.load_mnist(folder)
+    images.write_bytes(b"\x00\x00\x08\x01" + good[4:])
+    with pytest.raises(vae.UsageError, match="magic number"):
+        vae.load_mnist(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model maths
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampling_has_the_posterior_mean_and_variance():
+    z_mean = np.full((200_000, 2), [1.5, -2.0], np.float32)
+    z_log_var = np.full((200_000, 2), np.log([0.25, 4.0]), np.float32)
+    z = keras.ops.convert_to_numpy(vae.Sampling(seed=3)([z_mean, z_log_var]))
+    np.testing.assert_allclose(z.mean(axis=0), [1.5, -2.0], atol=0.02)
+    np.testing.assert_allclose(z.var(axis=0), [0.25, 4.0], rtol=0.02)
+
+
+def test_sampling_is_reproducible_from_its_seed():
+    inputs = [np.zeros((5, 3), np.float32), np.zeros((5, 3), np.float32)]
+    first = keras.ops.convert_to_numpy(vae.Sampling(seed=7)(inputs))
+    np.testing.assert_array_equal(first, keras.ops.convert_to_numpy(vae.Sampling(seed=7)(inputs)))
+    assert not np.allclose(first, keras.ops.convert_to_numpy(vae.Sampling(seed=8)(inputs)))
+
+
+def test_loss_terms_match_hand_computed_values():
+    x = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
+    x_hat = np.array([[0.1, 0.5, 0.8, 0.5]], np.float32)
+    squared = 0.1**2 + 0 + 0.2**2 + 0.25**2
+    assert float(vae.reconstruction_error(x, x_hat, "gaussian")[0]) == pytest.approx(squared, rel=1e-6)
+    assert squared == pytest.approx(4 * np.mean((x - x_hat) ** 2))  # the original's 784 * MSE, for 4 pixels
+    cross_entropy = -(np.log(0.9) + 0.5 * np.log(0.5) * 2 + np.log(0.8) + 0.25 * np.log(0.5) + 0.75 * np.log(0.5))
+    assert float(vae.reconstruction_error(x, x_hat, "bernoulli")[0]) == pytest.approx(cross_entropy, rel=1e-5)
+    z_mean, z_log_var = np.array([[1.0, -2.0]], np.float32), np.array([[0.0, math.log(0.5)]], np.float32)
+    kl = 0.5 * ((1 + 0 - 1) * 0 + 1**2) + 0.5 * (0.5 + 4.0 - 1 - math.log(0.5))
+    assert float(vae.kl_divergence(z_mean, z_log_var)[0]) == pytest.approx(kl, rel=1e-6)
+
+
+def test_gaussian_constant_turns_squared_error_into_a_density():
+    assert vae.log_likelihood_constant(784, "gaussian") == pytest.approx(392 * math.log(math.pi))
+    x, x_hat = np.array([0.3, 0.9]), np.array([0.5, 0.4])
+    exact = -np.sum(np.log(multivariate_normal(x_hat, 0.5 * np.eye(2)).pdf(x)))
+    nll = np.sum((x - x_hat) ** 2) + vae.log_likelihood_constant(2, "gaussian")
+    assert nll == pytest.approx(exact)
+    assert vae.log_likelihood_constant(784, "bernoulli") == 0
+
+
+def test_binarize_once_draws_bernoulli_pixels():
+    x = np.full((100, 28, 28, 1), 0.3, np.float32)
+    binary = vae.binarize_once(x, seed=0)
+    assert set(np.unique(binary)) == {0.0, 1.0}
+    assert binary.mean() == pytest.approx(0.3, abs=0.005)
+    np.testing.assert_array_equal(binary, vae.binarize_once(x, seed=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Likelihood estimates, on a model whose marginal likelihood is known exactly:
+# z ~ N(0, I), x | z ~ N(W z + b, 1/2 I)  =>  p(x) = N(b, W W^T + 1/2 I)
+# ----------------------------------------------------------------------------------------------
+
+LATENT, PIXELS = 2, 5
+
+
+def linear_gaussian_vae(variance_scale):
+    """Decoder W z + b; encoder: the exact posterior mean with its variance scaled, so q != p(z|x)."""
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(PIXELS, LATENT)), rng.normal(size=PIXELS)
+    posterior_cov = np.linalg.inv(np.eye(LATENT) + w.T @ w / 0.5)
+    gain = posterior_cov @ w.T / 0.5  # posterior mean = gain @ (x - b)
+    x_in = keras.Input((PIXELS,))
+    z_mean = keras.layers.Dense(LATENT)(x_in)
+    z_log_var = keras.layers.Dense(LATENT)(x_in)
+    encoder = keras.Model(x_in, [z_mean, z_log_var])
+    encoder.layers[1].set_weights([gain.T, -gain @ b])
+    encoder.layers[2].set_weights([np.zeros((PIXELS, LATENT)), np.log(variance_scale * np.diag(posterior_cov))])
+    z_in = keras.Input((LATENT,))
+    decoder = keras.Model(z_in, keras.layers.Dense(PIXELS)(z_in))
+    decoder.layers[1].set_weights([w.T, b])
+    x = rng.normal(size=(20, PIXELS)).astype(np.float32) + b.astype(np.float32)
+    exact = multivariate_normal(b, w @ w.T + 0.5 * np.eye(PIXELS)).logpdf(x)
+    return vae.VAE(encoder, decoder, likelihood="gaussian", seed=0), x, exact
+
+
+def test_importance_weighted_estimate_converges_to_the_exact_likelihood():
+    model, x, exact = linear_gaussian_vae(variance_scale=3.0)
+    _, nll, kl = vae.evaluate_elbo(model, np.repeat(x, 200, axis=0), seed=0)
+    elbo = -(nll + kl).reshape(len(x), 200).mean(axis=1)
+    repeats = {1: 400, 10: 100, 100: 20, 5000: 1}  # averaged over repeats: the expected estimate for each K
+    estimates = {k: vae.importance_weighted_log_likelihood(model, np.repeat(x, r, axis=0), k, seed=1, verbose=False)
+                 .reshape(len(x), r).mean(axis=1) for k, r in repeats.items()}
+    gaps = {k: np.mean(exact - estimate) for k, estimate in estimates.items()}
+    assert np.all(elbo < exact)
+    assert gaps[1] > gaps[10] > gaps[100] > gaps[5000] > -0.01  # tighter with K, never above log p(x)
+    assert gaps[1] == pytest.approx(np.mean(exact - elbo), rel=0.1)  # K=1 is the ELBO
+    np.testing.assert_allclose(estimates[5000], exact, atol=0.08)
+    assert abs(gaps[5000]) < 0.01
+
+
+def test_one_sample_estimate_is_the_elbo_in_expectation():
+    model, x, _ = linear_gaussian_vae(variance_scale=3.0)
+    repeated = np.repeat(x[:4], 4000, axis=0)
+    _, nll, kl = vae.evaluate_elbo(model, repeated, seed=0)
+    one_sample = vae.importance_weighted_log_likelihood(model, repeated, 1, seed=2, verbose=False)
+    np.testing.assert_allclose(one_sample.reshape(4, -1).mean(axis=1), -(nll + kl).reshape(4, -1).mean(axis=1),
+                               atol=0.15)
+
+
+def test_estimate_is_stable_for_extreme_log_weights():
+    """Images far from the model put log-weights near -1e6: log-sum-exp must not underflow to -inf."""
+    model, x, _ = linear_gaussian_vae(variance_scale=3.0)
+    far = x + 1000.0
+    estimate = vae.importance_weighted_log_likelihood(model, far, 100, seed=0, verbose=False)
+    w, b = model.decoder.layers[1].get_weights()
+    exact = multivariate_normal(b, w.T @ w + 0.5 * np.eye(PIXELS)).logpdf(far)
+    assert np.all(np.isfinite(estimate)) and np.all(estimate < -1e4)
+    np.testing.assert_allclose(estimate, exact, rtol=1e-3)
+
+
+def test_chunking_does_not_change_the_estimate():
+    model, x, _ = linear_gaussian_vae(variance_scale=2.0)
+    whole = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, verbose=False)
+    chunked = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, images_per_batch=20,
+                                                     samples_per_chunk=64, verbose=False)
+    pieces = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, images_per_batch=20,
+                                                    samples_per_chunk=64, xla=False, verbose=False)
+    np.testing.assert_allclose(whole, chunked, rtol=1e-5)
+    np.testing.assert_allclose(chunked, pieces, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: bad input fails in seconds with one line and exit code 2
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latent-dim", "0"], "--latent-dim: must be at least 1"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--batch-size", "-3"], "--batch-size: must be at least 1"),
+    (["--learning-rate", "0"], "--learning-rate: must be a positive number"),
+    (["--learning-rate", "nan"], "--learning-rate: must be a positive number"),
+    (["--epochs", "ten"], "invalid positive_int value"),
+    (["--model", "x.keras"], "--model goes with --evaluate-only"),
+    (["--resume", "--overwrite"], "choose one of"),
+])
+def test_invalid_arguments_exit_2_with_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        vae.main(args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr
+
+
+def test_bad_paths_exit_2_before_training(capsys, tmp_path, tiny_mnist):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    cases = [
+        (["--data", tmp_path / "absent.npz", "--results-dir", out], "absent.npz: no such file"),
+        (["--data", tiny_mnist, "--results-dir", blocker / "sub"], "not writable"),
+        (["--data", tiny_mnist, "--results-dir", out, "--fid", "inception", "--inception-weights", tmp_path / "no.h5"],
+         "--inception-weights"),
+        (["--data", tiny_mnist, "--results-dir", out, "--evaluate-only"], "no saved model to evaluate"),
+        (["--data", tiny_mnist, "--results-dir", out, "--resume"], "no checkpoint to resume from"),
+    ]
+    for args, message in cases:
+        assert vae.main(list(map(str, args))) == 2
+        stderr = capsys.readouterr().err
+        assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert not (out / "checkpoint.json").exists()
+
+
+def test_a_bad_file_fails_in_seconds_without_a_traceback(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    start = time.perf_counter()
+    result = run_script("vae.py", "--data", tmp_path / "bad.npz", "--results-dir", tmp_path / "out")
+    assert result.returncode == 2 and time.perf_counter() - start < 60
+    assert error_lines(result.stderr) == [f"vae.py: error: {tmp_path / 'bad.npz'}: not an .npz file (not a zip archive)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs
+# ----------------------------------------------------------------------------------------------
+
+OUTPUTS = ["model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png",
+           "latent_space_representation.png", "mnist_manifold.png", "samples.png", "metrics.json"]
+
+
+def check_finished_run(results_dir, epochs):
+    for name in OUTPUTS:
+        assert (results_dir / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (results_dir / name).read_bytes()[:4] == b"\x89PNG"
+    rows = (results_dir / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, epochs + 1))
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == epochs and len(metrics["seconds_per_epoch"]) == epochs
+    for key in ("final_train_loss", "final_test_loss", "final_test_kl_loss", "test_elbo", "fid_pixel_recon",
+                "fid_pixel_samples"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["config"]["latent_dim"] >= 1 and metrics["versions"]["keras"] == keras.__version__
+    assert not list(results_dir.glob(".*partial*")), "a temporary file was left behind"
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_mnist):
+    results_dir = tmp_path_factory.mktemp("run") / "vae"
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK)
+    assert result.returncode == 0, result.stderr
+    return results_dir, result
+
+
+def test_run_writes_every_output(finished_run):
+    results_dir, result = finished_run
+    metrics = check_finished_run(results_dir, epochs=2)
+    assert metrics["iw_samples"] == 8 and metrics["test_log_likelihood_iw"] >= metrics["test_elbo"] - 1.0
+    assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction_nll"] + metrics["test_kl"]))
+    assert "fid_pixel_recon" in result.stdout and "Dense VAE: 2 epochs" in result.stdout
+
+
+def test_saved_model_reloads_with_the_same_reconstructions(finished_run, tiny_mnist):
+    results_dir, _ = finished_run
+    model = vae.load_saved_model(results_dir / "model.keras")
+    x_test = vae.to_float_images(vae.load_mnist(tiny_mnist)[2])
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    reconstructions, nll, kl = vae.evaluate_elbo(model, x_test, seed=0)
+    assert float(-np.mean(nll + kl)) == pytest.approx(metrics["test_elbo"], rel=1e-5)
+    again, _, _ = vae.evaluate_elbo(vae.load_saved_model(results_dir / "model.keras"), x_test, seed=0)
+    np.testing.assert_array_equal(reconstructions, again)
+
+
+def test_evaluate_only_reproduces_the_metrics(finished_run, tmp_path, tiny_mnist):
+    results_dir, _ = finished_run
+    before = json.loads((results_dir / "metrics.json").read_text())
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK, "--evaluate-only")
+    assert result.returncode == 0, result.stderr
+    after = json.loads((results_dir / "metrics.json").read_text())
+    for key in ("test_elbo", "test_log_likelihood_iw", "fid_pixel_recon", "fid_pixel_samples", "final_test_loss"):
+        assert after[key] == pytest.approx(before[key], rel=1e-5), key
+    assert after["seconds_per_epoch"] == before["seconds_per_epoch"]
+
+
+def test_finished_run_is_not_overwritten(finished_run, tiny_mnist):
+    results_dir, _ = finished_run
+    model_bytes = (results_dir / "model.keras").read_bytes()
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK)
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert "a finished run" in line and all(flag in line for flag in ("--resume", "--evaluate-only", "--overwrite"))
+    assert (results_dir / "model.keras").read_bytes() == model_bytes
+
+
+def test_higher_latent_dimension_uses_pca_and_skips_the_manifold(tmp_path, tiny_mnist):
+    args = ["--latent-dim", "3", "--likelihood", "bernoulli", "--binarize", "dynamic", "--plain"]
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, *args)
+    assert result.returncode == 0, result.stderr
+    assert "manifold figure is skipped" in result.stdout
+    assert not (tmp_path / "mnist_manifold.png").exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["likelihood"] == "bernoulli" and metrics["config"]["plain"] is True
+    assert math.isfinite(metrics["test_log_likelihood_iw"])
+
+
+def wait_for_epochs(results_dir, epochs, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        state = results_dir / "checkpoint.json"
+        if state.exists() and json.loads(state.read_text())["epochs_done"] >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {epochs} epochs: {process.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
+    args = [sys.executable, str(ROOT / "vae.py"), "--data", str(tiny_mnist), "--results-dir", str(tmp_path),
+            "--epochs", "40", "--batch-size", "16", "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epochs(tmp_path, 2, process)
+    process.send_signal(sig)
+    stdout, _ = process.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130
+        assert "--resume --epochs 40" in stdout
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "metrics.json").exists()
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", "40",
+                        "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from epoch" in result.stdout
+    check_finished_run(tmp_path, epochs=40)
+    assert len(list(tmp_path.glob("checkpoint-epoch*.keras"))) == 1
+
+
+def test_resume_extends_a_finished_run_and_keeps_its_configuration(finished_run, tmp_path, tiny_mnist):
+    results_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in results_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    refused = run_script("vae.py", "--data", tiny_mnist, "--results-dir", copy, "--resume", "--hidden-dim", "64")
+    assert refused.returncode == 2 and "--hidden-dim 64 differs" in error_lines(refused.stderr)[0]
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", copy, *QUICK[2:], "--epochs", "3", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert check_finished_run(copy, epochs=3)["config"]["batch_size"] == 32
+
+
+def test_diverging_loss_stops_with_a_message(tmp_path, tiny_mnist):
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--learning-rate", "1e12")
+    assert result.returncode == 1
+    assert "loss became NaN or infinite in epoch 1" in error_lines(result.stderr)[-1]
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_non_finite_epoch_keeps_the_last_good_checkpoint(finished_run, tmp_path):
+    results_dir, _ = finished_run
+    state = json.loads((results_dir / "checkpoint.json").read_text())
+    tracker = vae.TrainingState(results_dir, state["config"], state["history"], state["seconds_per_epoch"])
+    tracker.set_model(vae.load_saved_model(results_dir / state["model_file"]))
+    tracker.on_epoch_begin(2)
+    tracker.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
+    assert tracker.model.stop_training and tracker.diverged_epoch == 3
+    assert json.loads((results_dir / "checkpoint.json").read_text()) == state
+
+
+def test_real_mnist_run(real_mnist, tmp_path):
+    """The full data path under CI: a short run on real digits learns (pixel FID well below chance)."""
+    result = run_script("vae.py", "--data", real_mnist, "--results-dir", tmp_path, "--train-size", "10000",
+                        "--test-size", "1000", "--epochs", "3", "--fid", "pixel", "--fid-samples", "1000",
+                        "--iw-samples", "16")
+    assert result.returncode == 0, result.stderr
+    metrics = check_finished_run(tmp_path, epochs=3)
+    test_images = vae.load_mnist(real_mnist)[2][:1000]
+    mean_images = np.repeat(test_images.mean(axis=0, keepdims=True) / 255, 1000, axis=0)
+    assert metrics["fid_pixel_recon"] < 0.85 * fid.pixel_fid(test_images, mean_images)  # better than the mean digit
+    assert metrics["test_elbo"] < metrics["test_log_likelihood_iw"] + 1.0
