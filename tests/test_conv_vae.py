@@ -1,0 +1,76 @@
+"""conv_vae.py: the convolutional encoder/decoder on vae.py's pipeline, end to end."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import QUICK, error_lines, run_script
+
+import conv_vae
+import vae
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_mnist):
+    results_dir = tmp_path_factory.mktemp("conv") / "conv_vae"
+    result = run_script("conv_vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK, "--filters", "8")
+    assert result.returncode == 0, result.stderr
+    return results_dir, result
+
+
+def test_run_writes_every_output(finished_run):
+    results_dir, result = finished_run
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    for name in ("model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png",
+                 "latent_space_representation.png", "mnist_manifold.png", "samples.png"):
+        assert (results_dir / name).stat().st_size > 0, name
+    assert metrics["model"] == "Convolutional VAE" and metrics["config"]["filters"] == 8
+    assert metrics["config"]["xla"] is False and len(metrics["seconds_per_epoch"]) == 2
+    assert np.isfinite([metrics["fid_pixel_recon"], metrics["fid_pixel_samples"], metrics["test_log_likelihood_iw"]]).all()
+    assert "Convolutional VAE: 2 epochs" in result.stdout
+
+
+def test_saved_model_with_custom_layers_reproduces_its_reconstructions(finished_run, tiny_mnist):
+    results_dir, _ = finished_run
+    model = keras.models.load_model(results_dir / "model.keras")
+    assert isinstance(model, vae.VAE) and isinstance(model.sampling, vae.Sampling)
+    x_test = vae.to_float_images(vae.load_mnist(tiny_mnist)[2])
+    reconstructions, nll, kl = vae.evaluate_elbo(model, x_test, seed=0)
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    assert float(-np.mean(nll + kl)) == pytest.approx(metrics["test_elbo"], rel=1e-5)
+    np.testing.assert_array_equal(reconstructions, vae.evaluate_elbo(vae.load_saved_model(results_dir / "model.keras"),
+                                                                     x_test, seed=0)[0])
+
+
+def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
+    model = vae.load_saved_model(finished_run[0] / "model.keras")
+    x = vae.to_float_images(vae.load_mnist(tiny_mnist)[2][:16])
+    z_mean, _ = model.encoder(x, training=False)
+    np.testing.assert_array_equal(z_mean, model.encoder(x, training=False)[0])
+    np.testing.assert_array_equal(model.decoder(z_mean, training=False), model.decoder(z_mean, training=False))
+    assert not np.allclose(model.decoder(z_mean, training=True), model.decoder(z_mean, training=True))
+
+
+def test_architecture_matches_the_original():
+    args = vae.build_parser("", 100, 128, "results/conv_vae", 500).parse_args([])
+    args.filters, args.dropout = 32, 0.25
+    encoder, decoder = conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)
+    assert [layer.__class__.__name__ for layer in encoder.layers[1:]] == [
+        "Conv2D", "Conv2D", "Dropout", "Flatten", "Dense", "Dense", "Dense"]
+    assert encoder.layers[2].output.shape == (None, 7, 7, 64) and encoder.layers[5].units == 32
+    assert [layer.__class__.__name__ for layer in decoder.layers[1:]] == [
+        "Dense", "Reshape", "Conv2DTranspose", "Conv2DTranspose", "Dropout", "Conv2DTranspose"]
+    assert decoder.output.shape == (None, 28, 28, 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--filters", "0"], "--filters: must be at least 1"),
+    (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
+    (["--data", "/nonexistent/mnist.npz"], "no such file or directory"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    result = run_script("conv_vae.py", *args, "--results-dir", tmp_path)
+    assert result.returncode == 2
+    [line] = error_lines(result.stderr)
+    assert line.startswith("conv_vae.py: error:") and message in line
