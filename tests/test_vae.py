@@ -427,3 +427,34 @@ def test_real_mnist_run(real_mnist, tmp_path):
     mean_images = np.repeat(test_images.mean(axis=0, keepdims=True) / 255, 1000, axis=0)
     assert metrics["fid_pixel_recon"] < 0.85 * fid.pixel_fid(test_images, mean_images)  # better than the mean digit
     assert metrics["test_elbo"] < metrics["test_log_likelihood_iw"] + 1.0
+
+
+def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist):
+    """The Inception path end to end, offline: random weights saved to a file stand in for ImageNet's."""
+    weights = tmp_path / "random_inception.weights.h5"
+    fid.load_inception(None).save_weights(weights)
+    quick = ["--epochs", "1", "--fid-samples", "20", "--iw-samples", "0", "--test-size", "20"]
+    args = ["--data", tiny_mnist, "--results-dir", tmp_path / "run", *quick, "--fid", "all", "--inception-weights", weights]
+    result = run_script("vae.py", *args)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["fid_inception_recon"] > 0 and metrics["fid_inception_samples"] > 0
+    assert "fid: computing Inception features of 20 images" in result.stderr
+    again = run_script("vae.py", *args, "--evaluate-only")
+    assert again.returncode == 0, again.stderr
+    assert "using cached statistics" in again.stderr  # the test set's statistics are not recomputed
+    after = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert after["fid_inception_recon"] == pytest.approx(metrics["fid_inception_recon"], rel=1e-6)
+
+
+def test_missing_imagenet_weights_is_a_warning_not_a_failure(monkeypatch, tmp_path, tiny_mnist, capsys):
+    def offline(weights):
+        raise fid.InceptionUnavailable("cannot load Inception weights 'imagenet': no network")
+
+    monkeypatch.setattr(fid, "load_inception", offline)
+    args = ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "all", "--iw-samples", "0"]
+    assert vae.main(list(map(str, args))) == 0
+    assert "warning: Inception weights unavailable" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["fid_inception_recon"] is None and "no network" in metrics["fid_inception_error"]
+    assert math.isfinite(metrics["fid_pixel_recon"])
