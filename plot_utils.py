@@ -86,7 +86,7 @@ def loss_curves(history, title="VAE"):
         ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False)  # same colours in every panel
-    axes[0].set_ylabel("loss (nats per image)")
+    axes[0].set_ylabel("loss per image")
     fig.suptitle(f"{title}: loss per epoch")
     return fig
 
