@@ -11,6 +11,7 @@ import sys
 import keras
 from keras import layers
 
+import fid
 import vae
 
 
@@ -39,7 +40,7 @@ def conv_decoder(args):
 
 
 def add_conv_arguments(group):
-    group.add_argument("--filters", type=vae.positive_int, default=32, help="filters of the first convolution (the second has twice as many)")
+    group.add_argument("--filters", type=fid.positive_int, default=32, help="filters of the first convolution (the second has twice as many)")
     group.add_argument("--dropout", type=vae.unit_interval, default=0.25, help="dropout rate, active only while training")
     return ("filters", "dropout")
 

@@ -358,13 +358,6 @@ RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood
                 "train_size", "test_size")
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def non_negative_int(text):
     value = int(text)
     if value < 0:
@@ -386,19 +379,12 @@ def unit_interval(text):
     return value
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage block) and exit code 2."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(description, epochs, batch_size, results_dir, iw_samples):
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = fid.OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train = parser.add_argument_group("model and training")
-    train.add_argument("--latent-dim", type=positive_int, default=2, help="size of z")
-    train.add_argument("--epochs", type=positive_int, default=epochs, help="total epochs to train to")
-    train.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per step")
+    train.add_argument("--latent-dim", type=fid.positive_int, default=2, help="size of z")
+    train.add_argument("--epochs", type=fid.positive_int, default=epochs, help="total epochs to train to")
+    train.add_argument("--batch-size", type=fid.positive_int, default=batch_size, help="images per step")
     train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="Adam learning rate")
     train.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, sampling and evaluation")
     train.add_argument("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
@@ -411,16 +397,16 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
     data.add_argument("--data", default=None,
                       help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four MNIST IDX files; "
                            "default: keras.datasets.mnist download")
-    data.add_argument("--train-size", type=positive_int, default=None, help="train on the first N images (quick runs)")
-    data.add_argument("--test-size", type=positive_int, default=None, help="evaluate on the first N test images")
+    data.add_argument("--train-size", type=fid.positive_int, default=None, help="train on the first N images (quick runs)")
+    data.add_argument("--test-size", type=fid.positive_int, default=None, help="evaluate on the first N test images")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--fid", choices=("none", "pixel", "inception", "all"), default="all",
                             help="which FIDs to report (pixel: the original's metric; inception: the standard one)")
-    evaluation.add_argument("--fid-samples", type=positive_int, default=10000,
+    evaluation.add_argument("--fid-samples", type=fid.positive_int, default=10000,
                             help="prior samples compared with the test images")
     evaluation.add_argument("--inception-weights", default="imagenet",
                             help="'imagenet' (Keras download) or a path to InceptionV3 weights for offline machines")
-    evaluation.add_argument("--fid-batch-size", type=positive_int, default=50, help="images per Inception batch")
+    evaluation.add_argument("--fid-batch-size", type=fid.positive_int, default=50, help="images per Inception batch")
     evaluation.add_argument("--iw-samples", type=non_negative_int, default=iw_samples,
                             help="K of the importance-weighted log-likelihood estimate; 0 skips it")
     runs = parser.add_argument_group("outputs and long runs")
@@ -781,7 +767,7 @@ def main(argv=None, title="Dense VAE", build_encoder=dense_encoder, build_decode
     if add_arguments:
         architecture_options = add_arguments(architecture)
     else:
-        architecture.add_argument("--hidden-dim", type=positive_int, default=256, help="units of the hidden layer")
+        architecture.add_argument("--hidden-dim", type=fid.positive_int, default=256, help="units of the hidden layer")
         architecture_options = ("hidden_dim",)
     args = parser.parse_args(argv)
     if args.model and not args.evaluate_only:

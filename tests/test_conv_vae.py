@@ -65,7 +65,7 @@ def test_architecture_matches_the_original():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--filters", "0"], "--filters: must be at least 1"),
+    (["--filters", "0"], "--filters: must be a positive integer"),
     (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
     (["--data", "/nonexistent/mnist.npz"], "no such file or directory"),
 ])

@@ -225,9 +225,9 @@ def test_chunking_does_not_change_the_estimate():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--latent-dim", "0"], "--latent-dim: must be at least 1"),
-    (["--epochs", "0"], "--epochs: must be at least 1"),
-    (["--batch-size", "-3"], "--batch-size: must be at least 1"),
+    (["--latent-dim", "0"], "--latent-dim: must be a positive integer"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--batch-size", "-3"], "--batch-size: must be a positive integer"),
     (["--learning-rate", "0"], "--learning-rate: must be a positive number"),
     (["--learning-rate", "nan"], "--learning-rate: must be a positive number"),
     (["--epochs", "ten"], "invalid positive_int value"),
