@@ -1,0 +1,426 @@
+"""Fréchet Inception Distance (FID) between two sets of MNIST-like images.
+
+Two feature spaces:
+- "inception": the standard FID (Heusel et al. 2017) on the 2048-d pool features of
+  Keras' InceptionV3. Keras' ImageNet weights are not the TF-slim graph that pytorch-fid and
+  the original TTUR code use, so the numbers are comparable with each other, not with papers.
+- "pixel": the same formula on raw pixels, the metric the original repo reported
+  (test images vs reconstructions: 20.359 / 15.511).
+
+Command line, in the style of pytorch-fid (`python -m pytorch_fid A B`):
+    python fid.py A B                          FID between two image sets or statistics files
+    python fid.py --save-stats IMAGES OUT.npz  save statistics to compare against later
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import matplotlib.image
+import numpy as np
+import scipy.linalg
+import tensorflow as tf
+
+FEATURE_KINDS = ("pixel", "inception")
+INCEPTION_INPUT_SHAPE = (299, 299, 3)
+SQRTM_EPS = 1e-6
+MAX_IMAGINARY_COMPONENT = 1e-3  # pytorch-fid's tolerance on the diagonal of sqrtm
+LUMINANCE_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, for RGB inputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Statistics:
+    """Gaussian fitted to the features of an image set: all FID needs from it."""
+
+    mu: np.ndarray  # float64, (d,)
+    sigma: np.ndarray  # float64, (d, d)
+    n: int
+    features: str  # "pixel" or "inception"
+
+
+class InceptionUnavailable(Exception):
+    """The Inception weights could not be loaded (offline, missing or bad file)."""
+
+
+def frechet_distance(a: Statistics, b: Statistics) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)), as in pytorch-fid."""
+    if a.features != b.features:
+        raise ValueError(f"cannot compare {a.features} statistics with {b.features} statistics")
+    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+        raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    # Pixel covariances are always singular (MNIST's border pixels never change), so scipy
+    # would warn on every call; finiteness and the imaginary part are checked explicitly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)
+        if not np.isfinite(covmean).all():
+            print(f"fid: sqrtm of the covariance product is not finite (near-singular); "
+                  f"retrying with {SQRTM_EPS} added to both diagonals", file=sys.stderr)
+            offset = np.eye(a.sigma.shape[0]) * SQRTM_EPS
+            covmean = scipy.linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    if not np.isfinite(covmean).all():
+        raise ValueError("sqrtm of the covariance product is not finite, even with eps added")
+    if np.iscomplexobj(covmean):
+        largest_imaginary = np.abs(np.diagonal(covmean).imag).max()
+        if largest_imaginary > MAX_IMAGINARY_COMPONENT:
+            raise ValueError(f"sqrtm of the covariance product has an imaginary component of "
+                             f"{largest_imaginary:.3g} on its diagonal: are both covariances "
+                             f"positive semi-definite?")
+        covmean = covmean.real
+    mean_difference = a.mu - b.mu
+    return float(mean_difference @ mean_difference
+                 + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+def check_images(images, *, flat_allowed=False) -> np.ndarray:
+    """Images as (N, H, W) (or (N, D) if flat_allowed), uint8 0-255 or float in [0, 1].
+
+    Out-of-range floats (e.g. 0-255 floats, decoder logits) would not fail later, they would
+    just give a wrong FID, so they are rejected here.
+    """
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 and not (flat_allowed and images.ndim == 2):
+        expected = "(N, H, W), (N, H, W, 1) or (N, D)" if flat_allowed else "(N, H, W) or (N, H, W, 1)"
+        raise ValueError(f"expected grayscale images shaped {expected}, got shape {images.shape}")
+    if len(images) < 2:
+        raise ValueError(f"need at least 2 images for a covariance, got {len(images)}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got dtype {images.dtype}")
+    low, high = images.min(), images.max()
+    if not (0 <= low and high <= 1):  # also false for NaN and inf
+        raise ValueError(f"float images must lie in [0, 1], got values from {low} to {high}")
+    return images
+
+
+def to_unit_float(images, dtype) -> np.ndarray:
+    """Checked images as floats in [0, 1]."""
+    if images.dtype == np.uint8:
+        return images.astype(dtype) / dtype(255)
+    return images.astype(dtype, copy=False)
+
+
+def pixel_statistics(images) -> Statistics:
+    """Mean and covariance of the flattened pixels in [0, 1], float64 (the original metric)."""
+    images = check_images(images, flat_allowed=True)
+    pixels = to_unit_float(images, np.float64).reshape(len(images), -1)
+    return Statistics(mu=pixels.mean(axis=0), sigma=np.cov(pixels, rowvar=False),
+                      n=len(pixels), features="pixel")
+
+
+def pixel_fid(images_a, images_b) -> float:
+    """FID on raw pixels, the figure the original repo reported."""
+    return frechet_distance(pixel_statistics(images_a), pixel_statistics(images_b))
+
+
+def weights_sha256(model) -> str:
+    """Hash of all weight values: cache entries follow the weights, not the way they were loaded."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def load_inception(weights="imagenet"):
+    """InceptionV3 up to its 2048-d average pool; weights is "imagenet", None or a weights file.
+
+    A file (e.g. Keras' cached inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5, or a
+    `.weights.h5` written by model.save_weights) is how machines without internet get the
+    ImageNet weights. The model carries `weights_sha256` for cache fingerprints.
+    """
+    if weights is not None and weights != "imagenet":
+        weights = os.fspath(weights)
+    try:
+        model = keras.applications.InceptionV3(include_top=False, pooling="avg",
+                                               input_shape=INCEPTION_INPUT_SHAPE, weights=weights)
+    except Exception as error:  # Keras raises a bare Exception when the download fails
+        reason = " ".join(str(error).split())
+        raise InceptionUnavailable(f"cannot load Inception weights {weights!r}: {reason}") from error
+    model.weights_sha256 = weights_sha256(model)
+    return model
+
+
+def inception_preprocess(images):
+    """(B, H, W) grayscale in [0, 1] -> (B, 299, 299, 3) in [-1, 1], InceptionV3's input."""
+    resized = tf.image.resize(images[..., tf.newaxis], INCEPTION_INPUT_SHAPE[:2], method="bilinear")
+    return tf.image.grayscale_to_rgb(resized) * 2.0 - 1.0
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def inception_statistics(images, model, batch_size=50, verbose=True) -> Statistics:
+    """Mean and covariance of Inception pool features, streamed in batches.
+
+    Only float64 running sums of x and x x^T are kept, never the N x 2048 feature matrix.
+    """
+    images = check_images(images)
+    total = len(images)
+    # jit_compile=True (XLA) measured slower on CPU (tests/bench_fid.py), so it stays off;
+    # the signature leaves batch and image size open so the last, smaller batch reuses the graph.
+    extract_features = tf.function(
+        lambda batch: model(inception_preprocess(batch), training=False),
+        input_signature=[tf.TensorSpec((None, None, None), tf.float32)])
+    if verbose:
+        print(f"fid: computing Inception features of {total} images (batch size {batch_size})",
+              file=sys.stderr)
+        extract_features(to_unit_float(images[:1], np.float32))  # trace now so the estimate is fair
+    feature_sum = np.zeros(model.output_shape[-1])
+    outer_product_sum = np.zeros((feature_sum.size, feature_sum.size))
+    start_time = time.perf_counter()
+    for start in range(0, total, batch_size):
+        batch = to_unit_float(images[start:start + batch_size], np.float32)
+        features = extract_features(batch).numpy().astype(np.float64)
+        feature_sum += features.sum(axis=0)
+        outer_product_sum += features.T @ features
+        if verbose:
+            done = start + len(batch)
+            elapsed = time.perf_counter() - start_time
+            if start == 0:
+                print(f"fid: first batch took {elapsed:.1f} s, estimated total "
+                      f"{format_duration(elapsed * total / done)}", file=sys.stderr)
+            print(f"\rfid: {done}/{total} images, {done / elapsed:.1f} images/s",
+                  end="\n" if done == total else "", file=sys.stderr, flush=True)
+    mu = feature_sum / total
+    sigma = (outer_product_sum - total * np.outer(mu, mu)) / (total - 1)  # N-1, like numpy.cov
+    return Statistics(mu=mu, sigma=sigma, n=total, features="inception")
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/mnist-vae-fid, or ~/.cache/mnist-vae-fid."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "mnist-vae-fid"
+
+
+def statistics_fingerprint(images: np.ndarray, features: str, inception=None) -> str:
+    """sha256 of everything the statistics depend on: image bytes, shape, dtype, features, weights."""
+    digest = hashlib.sha256()
+    weights = inception.weights_sha256 if features == "inception" else ""
+    digest.update(f"{features}|{images.dtype.str}|{images.shape}|{weights}|".encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()
+
+
+def save_statistics(path, statistics: Statistics, **extra_arrays):
+    """Write statistics atomically, so an interrupted run never leaves a truncated file."""
+    path = Path(path)
+    file_descriptor, temporary_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(file_descriptor, "wb") as file:
+            np.savez(file, mu=statistics.mu, sigma=statistics.sigma, n=statistics.n,
+                     features=statistics.features, **extra_arrays)
+        os.replace(temporary_path, path)
+    except BaseException:
+        os.unlink(temporary_path)
+        raise
+
+
+def read_npz(path) -> dict:
+    """All arrays of an .npz file; every way it can be unreadable becomes a ValueError naming it."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+
+
+def statistics_from_arrays(arrays: dict, path) -> Statistics:
+    """Statistics from the arrays of a file written by save_statistics, validated."""
+    missing = {"mu", "sigma", "n", "features"} - arrays.keys()
+    if missing:
+        raise ValueError(f"statistics file {path} lacks {', '.join(sorted(missing))}")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    features = str(arrays["features"])
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"statistics file {path} contains NaN or infinite values")
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"statistics file {path} has unknown features {features!r}")
+    return Statistics(mu=mu, sigma=sigma, n=int(arrays["n"]), features=features)
+
+
+def compute_statistics(images, features="pixel", inception=None, batch_size=50,
+                       cache_dir=None, verbose=True) -> Statistics:
+    """Statistics of one image set, cached in cache_dir when given (e.g. for the test set).
+
+    inception is a model from load_inception; None loads the ImageNet weights.
+    """
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
+    images = np.asarray(images)
+    if features == "inception" and inception is None:
+        inception = load_inception()
+
+    def compute():
+        if features == "pixel":
+            return pixel_statistics(images)
+        return inception_statistics(images, inception, batch_size=batch_size, verbose=verbose)
+
+    if cache_dir is None:
+        return compute()
+    fingerprint = statistics_fingerprint(images, features, inception)
+    cache_path = Path(cache_dir) / f"{features}-{fingerprint}.npz"
+    if cache_path.exists():
+        try:
+            arrays = read_npz(cache_path)
+            if str(arrays.get("fingerprint")) == fingerprint:
+                if verbose:
+                    print(f"fid: using cached statistics {cache_path}", file=sys.stderr)
+                return statistics_from_arrays(arrays, cache_path)
+        except ValueError as error:  # unreadable entries are recomputed and overwritten
+            if verbose:
+                print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
+    statistics = compute()
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    save_statistics(cache_path, statistics, fingerprint=fingerprint)
+    return statistics
+
+
+# ---------------------------------------------------------------- command line
+
+
+def read_png_folder(folder: Path, max_samples=None) -> np.ndarray:
+    """PNGs of a folder in name order as (N, H, W) float32 in [0, 1]; RGB becomes luminance."""
+    paths = sorted(path for path in folder.iterdir() if path.suffix.lower() == ".png")
+    if not paths:
+        raise ValueError(f"no PNG images in folder {folder}")
+    images = []
+    for path in paths[:max_samples]:
+        try:
+            image = matplotlib.image.imread(path)
+        except (OSError, ValueError, SyntaxError) as error:  # Pillow reports broken PNGs as SyntaxError
+            raise ValueError(f"cannot read image {path}: {error}") from error
+        if image.ndim == 3 and image.shape[-1] >= 3:
+            image = np.clip(image[..., :3] @ LUMINANCE_WEIGHTS, 0, 1).astype(np.float32)
+        elif image.ndim == 3:  # grayscale with alpha
+            image = image[..., 0]
+        if images and image.shape != images[0].shape:
+            raise ValueError(f"{path} is {image.shape[0]}x{image.shape[1]} but {paths[0]} is "
+                             f"{images[0].shape[0]}x{images[0].shape[1]}; a set must share one size")
+        images.append(image)
+    return np.stack(images)
+
+
+def choose_array(arrays: dict, key, path) -> np.ndarray:
+    """A file's only array, whatever its name; else the one named by key."""
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    if key not in arrays:
+        raise ValueError(f"{path} has no array {key!r}; its arrays are: {', '.join(arrays) or 'none'}"
+                         f" (choose one with --key)")
+    return arrays[key]
+
+
+def read_input(path: str, key="images", max_samples=None):
+    """Images (an .npz or a folder of PNGs) or Statistics (an .npz from --save-stats)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_png_folder(path, max_samples)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    arrays = read_npz(path)
+    if {"mu", "sigma"} <= arrays.keys():
+        return statistics_from_arrays(arrays, path)
+    return choose_array(arrays, key, path)[:max_samples]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors in the same single `fid.py: error: ...` line as every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="fid.py",
+        description="Fréchet Inception Distance between two image sets. Each of A and B is an "
+                    ".npz of images (uint8 0-255 or float in [0, 1]), a folder of PNG images, "
+                    "or a statistics file written by --save-stats.")
+    parser.add_argument("a", metavar="A", help="first set; with --save-stats: the images")
+    parser.add_argument("b", metavar="B", help="second set; with --save-stats: the .npz to write")
+    parser.add_argument("--save-stats", action="store_true",
+                        help="write the statistics (mu, sigma, n, features) of A to B")
+    parser.add_argument("--features", choices=FEATURE_KINDS, default="inception",
+                        help="Inception pool features (standard FID) or raw pixels, the "
+                             "original repo's metric (default: %(default)s)")
+    parser.add_argument("--inception-weights", default="imagenet", metavar="WEIGHTS",
+                        help='"imagenet" (downloaded by Keras) or a path to a Keras weights file, '
+                             "for machines without internet (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=50,
+                        help="images per Inception forward pass (default: %(default)s)")
+    parser.add_argument("--max-samples", type=positive_int, metavar="N",
+                        help="use only the first N images of each set (default: all; "
+                             "statistics files are used as they are)")
+    parser.add_argument("--key", default="images",
+                        help="array to read from an .npz that holds several; a file with a single "
+                             "array is read whatever its name (default: %(default)s)")
+    return parser
+
+
+def run_command(args) -> None:
+    """Everything main does after parsing; input problems raise ValueError or InceptionUnavailable."""
+    paths = [args.a] if args.save_stats else [args.a, args.b]
+    inputs = [read_input(path, args.key, args.max_samples) for path in paths]
+    for path, item in zip(paths, inputs):
+        if isinstance(item, Statistics) and item.features != args.features:
+            raise ValueError(f"{path} holds {item.features} statistics, but --features is {args.features}")
+        if not isinstance(item, Statistics):  # fail before the slow part, not after it
+            try:
+                check_images(item, flat_allowed=args.features == "pixel")
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
+    if args.save_stats and not Path(args.b).parent.is_dir():
+        raise ValueError(f"cannot write {args.b}: its folder does not exist")
+    needs_inception = args.features == "inception" and not all(
+        isinstance(item, Statistics) for item in inputs)
+    inception = load_inception(args.inception_weights) if needs_inception else None
+    statistics = [item if isinstance(item, Statistics) else
+                  compute_statistics(item, args.features, inception, args.batch_size)
+                  for item in inputs]
+    if args.save_stats:
+        save_statistics(args.b, statistics[0])
+        print(f"saved {args.features} statistics of {statistics[0].n} images to {args.b}")
+    else:
+        distance = round(frechet_distance(*statistics), 4) + 0.0  # + 0.0: no "-0.0000" from round-off
+        print(f"FID ({args.features}): {distance:.4f}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except (ValueError, OSError, InceptionUnavailable) as error:
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Benchmark of fid.py on this machine (not a test: run `python tests/bench_fid.py`).
+
+- pixel FID of the MNIST test set vs a noisy copy, 10,000 vs 10,000 images (target < 3 s);
+- Inception feature throughput with random weights (target >= 10 images/s): fid.inception_statistics
+  end to end, and its tf.function against the same with jit_compile=True and plain model.predict;
+- frechet_distance on 2048-d statistics, i.e. the scipy sqrtm every Inception FID pays.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import fid  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+MNIST_PATH = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
+INCEPTION_IMAGES = 200
+BATCH_SIZE = 50
+
+
+def mnist_test_images():
+    if MNIST_PATH.exists():
+        with np.load(MNIST_PATH) as mnist:
+            return mnist["x_test"], "MNIST test set"
+    return np.random.default_rng(0).integers(0, 256, (10000, 28, 28), dtype=np.uint8), "random images"
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def bench_pixel_fid():
+    images, source = mnist_test_images()
+    noisy = np.clip(images / 255 + 0.1 * np.random.default_rng(0).standard_normal(images.shape), 0, 1)
+    distance, seconds = timed(fid.pixel_fid, images, noisy)
+    print(f"pixel FID, {source} vs noisy copy ({len(images)} vs {len(noisy)}): "
+          f"{distance:.4f} in {seconds:.2f} s (target < 3 s)")
+
+
+def bench_inception_throughput():
+    """The methods take turns batch by batch, so load from others on the shared cores hits all alike."""
+    images, _ = mnist_test_images()
+    images = images[:INCEPTION_IMAGES]
+    model = fid.load_inception(None)
+    print(f"Inception features, random weights, {len(images)} images, batch size {BATCH_SIZE}:")
+    _, seconds = timed(fid.inception_statistics, images, model, batch_size=BATCH_SIZE, verbose=False)
+    print(f"  fid.inception_statistics, end to end with tracing: {len(images) / seconds:.1f} images/s")
+
+    def extractor(jit_compile):
+        return tf.function(lambda batch: model(fid.inception_preprocess(batch), training=False),
+                           jit_compile=jit_compile)
+
+    batches = [images[start:start + BATCH_SIZE].astype(np.float32) / 255
+               for start in range(0, len(images), BATCH_SIZE)]
+    preprocessed = [fid.inception_preprocess(batch).numpy() for batch in batches]
+    methods = {
+        "tf.function(preprocess + model), as in fid.py": (extractor(jit_compile=False), batches),
+        "the same with jit_compile=True": (extractor(jit_compile=True), batches),
+        f"plain model.predict on preprocessed 299x299 batches (jit_compile={model.jit_compile})":
+            (lambda batch: model.predict(batch, batch_size=BATCH_SIZE, verbose=0), preprocessed),
+    }
+    seconds = dict.fromkeys(methods, 0.0)
+    for name, (extract, inputs) in methods.items():
+        np.asarray(extract(inputs[0]))  # trace / compile outside the timing
+    for index in range(len(batches)):
+        for name, (extract, inputs) in methods.items():
+            seconds[name] += timed(lambda: np.asarray(extract(inputs[index])))[1]
+    print("  taking turns batch by batch, after warm-up:")
+    for name, total in seconds.items():
+        print(f"    {name}: {len(images) / total:.1f} images/s")
+
+
+def bench_inception_frechet_distance():
+    features = np.random.default_rng(0).standard_normal((2 * 4096, 2048))
+    a, b = (fid.Statistics(mu=half.mean(axis=0), sigma=np.cov(half, rowvar=False), n=len(half),
+                           features="inception") for half in np.split(features, 2))
+    distance, seconds = timed(fid.frechet_distance, a, b)
+    print(f"frechet_distance on 2048-d statistics (scipy sqrtm): {distance:.4f} in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    bench_pixel_fid()
+    bench_inception_throughput()
+    bench_inception_frechet_distance()

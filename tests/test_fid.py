@@ -1,0 +1,381 @@
+"""Tests for fid.py: closed forms, the original pixel metric, Inception with random weights, CLI."""
+
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import scipy.linalg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import fid  # noqa: E402
+
+# Keras' own save_weights trips this NumPy 2 deprecation once per variable; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+def gaussian(mu, sigma, features="pixel"):
+    mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
+    return fid.Statistics(mu=mu, sigma=np.asarray(sigma, dtype=np.float64).reshape(mu.size, mu.size),
+                          n=100, features=features)
+
+
+def random_images(seed, count=100, side=8):
+    """uint8 images with a constant black border, like MNIST's."""
+    images = np.zeros((count, side, side), dtype=np.uint8)
+    images[:, 1:-1, 1:-1] = np.random.default_rng(seed).integers(0, 256, (count, side - 2, side - 2))
+    return images
+
+
+def original_pixel_fid(images_a, images_b):
+    """The original repo's metric, written out independently of fid.py."""
+    a = images_a.reshape(len(images_a), -1).astype(np.float64) / 255
+    b = images_b.reshape(len(images_b), -1).astype(np.float64) / 255
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # the constant border makes both covariances singular
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b).real
+    mean_difference = a.mean(axis=0) - b.mean(axis=0)
+    return mean_difference @ mean_difference + np.trace(sigma_a + sigma_b - 2 * covmean)
+
+
+# ---------------------------------------------------------------- frechet_distance
+
+
+def test_one_dimensional_gaussians_match_closed_form():
+    assert fid.frechet_distance(gaussian(1.0, 4.0), gaussian(-2.0, 9.0)) == pytest.approx(3**2 + (2 - 3) ** 2)
+
+
+def test_diagonal_covariances_match_closed_form():
+    mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 1.0])
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+    distance = fid.frechet_distance(gaussian(mu_a, np.diag(var_a)), gaussian(mu_b, np.diag(var_b)))
+    assert distance == pytest.approx(expected)
+
+
+def test_identical_statistics_give_zero_and_distance_is_symmetric():
+    a = fid.pixel_statistics(random_images(0))
+    b = fid.pixel_statistics(random_images(1))
+    assert fid.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert fid.frechet_distance(a, b) == pytest.approx(fid.frechet_distance(b, a), rel=1e-9)
+
+
+def test_mismatched_dimensions_or_feature_kinds_raise():
+    with pytest.raises(ValueError, match="dimensions differ"):
+        fid.frechet_distance(gaussian([0, 0], np.eye(2)), gaussian([0, 0, 0], np.eye(3)))
+    with pytest.raises(ValueError, match="pixel statistics with inception"):
+        fid.frechet_distance(gaussian(0, 1), gaussian(0, 1, features="inception"))
+
+
+def test_non_finite_sqrtm_is_retried_with_eps_on_the_diagonals(monkeypatch, capsys):
+    real_sqrtm = scipy.linalg.sqrtm
+    products = []
+
+    def singular_first_time(product):
+        products.append(product)
+        return np.full_like(product, np.inf) if len(products) == 1 else real_sqrtm(product)
+
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", singular_first_time)
+    sigma_a = np.diag([1.0, 0.0])  # rank-deficient, like a constant pixel
+    sigma_b = np.diag([4.0, 0.0])
+    distance = fid.frechet_distance(gaussian([0, 0], sigma_a), gaussian([0, 0], sigma_b))
+    eps = fid.SQRTM_EPS
+    assert len(products) == 2
+    np.testing.assert_allclose(products[1], (sigma_a + eps * np.eye(2)) @ (sigma_b + eps * np.eye(2)))
+    assert np.isfinite(distance) and distance == pytest.approx(1.0, abs=1e-5)
+    assert "retrying with 1e-06" in capsys.readouterr().err
+
+
+def test_large_imaginary_part_raises():
+    not_positive_semidefinite = np.diag([-1.0, 1.0])  # sqrtm has i on its diagonal
+    with pytest.raises(ValueError, match="imaginary component"):
+        fid.frechet_distance(gaussian([0, 0], np.eye(2)), gaussian([0, 0], not_positive_semidefinite))
+
+
+# ---------------------------------------------------------------- pixel FID
+
+
+def test_pixel_fid_equals_the_original_formula():
+    images_a, images_b = random_images(0), random_images(1)
+    assert fid.pixel_fid(images_a, images_b) == pytest.approx(original_pixel_fid(images_a, images_b), rel=1e-9)
+    assert fid.pixel_fid(images_a, images_a) == pytest.approx(0, abs=1e-8)
+
+
+def test_pixel_statistics_accept_uint8_float_and_all_shapes():
+    images = random_images(2, count=30, side=28)
+    reference = fid.pixel_statistics(images)
+    assert reference.mu.shape == (784,) and reference.sigma.shape == (784, 784) and reference.n == 30
+    for variant in (images / 255.0, (images / 255).astype(np.float32), images[..., None], images.reshape(30, 784)):
+        statistics = fid.pixel_statistics(variant)
+        np.testing.assert_allclose(statistics.mu, reference.mu, atol=1e-7)
+        np.testing.assert_allclose(statistics.sigma, reference.sigma, atol=1e-7)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.full((4, 8, 8), 2.0), r"in \[0, 1\]"),
+    (np.full((4, 8, 8), np.nan), r"in \[0, 1\]"),
+    (np.zeros((4, 8, 8), dtype=np.int64), "uint8"),
+    (np.zeros((1, 8, 8), dtype=np.uint8), "at least 2"),
+    (np.zeros((4, 8, 8, 3), dtype=np.uint8), "shaped"),
+])
+def test_pixel_statistics_reject_bad_images(images, message):
+    with pytest.raises(ValueError, match=message):
+        fid.pixel_statistics(images)
+
+
+# ---------------------------------------------------------------- Inception (random weights)
+
+
+@pytest.fixture(scope="module")
+def random_inception():
+    return fid.load_inception(None)
+
+
+@pytest.fixture(scope="module")
+def random_weights_file(random_inception, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random_inception.weights.h5"
+    random_inception.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def six_images():
+    return random_images(3, count=6, side=28)
+
+
+@pytest.fixture(scope="module")
+def six_image_statistics(random_inception, six_images):
+    return fid.inception_statistics(six_images, random_inception, batch_size=6, verbose=False)
+
+
+def test_inception_preprocess_maps_unit_interval_to_minus_one_one():
+    images = np.stack([np.zeros((28, 28)), np.ones((28, 28)), np.full((28, 28), 0.5),
+                       np.random.default_rng(0).random((28, 28))]).astype(np.float32)
+    inputs = fid.inception_preprocess(images).numpy()
+    assert inputs.shape == (4, 299, 299, 3)
+    np.testing.assert_allclose(inputs[:3], np.broadcast_to(np.array([-1.0, 1.0, 0.0])[:, None, None, None],
+                                                           (3, 299, 299, 3)), atol=1e-6)
+    assert -1 <= inputs.min() and inputs.max() <= 1
+
+
+def test_inception_statistics_match_numpy_cov_and_ignore_batch_size(random_inception, six_images,
+                                                                    six_image_statistics, capsys):
+    features = random_inception(fid.inception_preprocess(six_images.astype(np.float32) / 255)).numpy()
+    assert six_image_statistics.mu.shape == (2048,) and six_image_statistics.n == 6
+    scale = np.abs(six_image_statistics.sigma).max()
+    np.testing.assert_allclose(six_image_statistics.mu, features.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(six_image_statistics.sigma, np.cov(features.astype(np.float64), rowvar=False),
+                               atol=1e-4 * scale)
+
+    in_pairs = fid.inception_statistics(six_images, random_inception, batch_size=4, verbose=True)
+    np.testing.assert_allclose(in_pairs.mu, six_image_statistics.mu, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(in_pairs.sigma, six_image_statistics.sigma, atol=1e-4 * scale)
+    progress = capsys.readouterr().err
+    assert "6 images" in progress and "first batch" in progress and "\rfid: 6/6 images" in progress
+
+
+def test_weights_file_reproduces_model_and_statistics(random_inception, random_weights_file,
+                                                      six_images, six_image_statistics, capsys):
+    reloaded = fid.load_inception(random_weights_file)
+    assert reloaded.weights_sha256 == random_inception.weights_sha256
+    statistics = fid.inception_statistics(six_images, reloaded, batch_size=6, verbose=False)
+    assert capsys.readouterr().err == ""  # verbose=False prints nothing
+    np.testing.assert_allclose(statistics.mu, six_image_statistics.mu, rtol=1e-6)
+    np.testing.assert_allclose(statistics.sigma, six_image_statistics.sigma, rtol=1e-6,
+                               atol=1e-6 * np.abs(statistics.sigma).max())
+
+
+def test_different_random_models_have_different_weight_hashes(random_inception):
+    assert fid.load_inception(None).weights_sha256 != random_inception.weights_sha256
+
+
+def test_unloadable_weights_raise_inception_unavailable(tmp_path):
+    missing = tmp_path / "missing.weights.h5"
+    with pytest.raises(fid.InceptionUnavailable, match="missing.weights.h5"):
+        fid.load_inception(missing)
+    corrupt = tmp_path / "corrupt.weights.h5"
+    corrupt.write_bytes(b"not hdf5")
+    with pytest.raises(fid.InceptionUnavailable, match="corrupt.weights.h5"):
+        fid.load_inception(corrupt)
+
+
+# ---------------------------------------------------------------- caching
+
+
+def test_compute_statistics_uses_the_cache_on_the_second_call(tmp_path, monkeypatch, capsys):
+    calls = []
+    real_pixel_statistics = fid.pixel_statistics
+    monkeypatch.setattr(fid, "pixel_statistics", lambda images: calls.append(1) or real_pixel_statistics(images))
+    images = random_images(4)
+
+    first = fid.compute_statistics(images, "pixel", cache_dir=tmp_path)
+    second = fid.compute_statistics(images, "pixel", cache_dir=tmp_path)
+    assert len(calls) == 1
+    assert "using cached statistics" in capsys.readouterr().err
+    np.testing.assert_array_equal(first.sigma, second.sigma)
+    assert (second.n, second.features) == (100, "pixel")
+    assert [path.suffix for path in tmp_path.iterdir()] == [".npz"]  # no temporary files left
+
+    fid.compute_statistics(random_images(5), "pixel", cache_dir=tmp_path, verbose=False)
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_fingerprint_follows_images_features_and_weights():
+    images = random_images(4)
+    model_a, model_b = (types.SimpleNamespace(weights_sha256=name) for name in ("a", "b"))
+    fingerprints = {
+        fid.statistics_fingerprint(images, "pixel"),
+        fid.statistics_fingerprint(images[:-1], "pixel"),
+        fid.statistics_fingerprint(images.astype(np.float32), "pixel"),
+        fid.statistics_fingerprint(images, "inception", model_a),
+        fid.statistics_fingerprint(images, "inception", model_b),
+    }
+    assert len(fingerprints) == 5
+    assert fid.statistics_fingerprint(images.copy(), "pixel") == fid.statistics_fingerprint(images, "pixel")
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fid.default_cache_dir() == tmp_path / "mnist-vae-fid"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert fid.default_cache_dir() == Path.home() / ".cache" / "mnist-vae-fid"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def run_main(argv, capsys):
+    try:
+        code = fid.main([str(arg) for arg in argv])
+    except SystemExit as exit:  # argparse usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_png_folder(folder, images):
+    folder.mkdir()
+    for index, image in enumerate(images):
+        plt.imsave(folder / f"{index:04d}.png", image, cmap="gray", vmin=0, vmax=255)
+    return folder
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    images_a, images_b = random_images(6), random_images(7)
+    np.savez(tmp_path / "a.npz", images_a)
+    np.savez(tmp_path / "b.npz", images=images_b, labels=np.zeros(len(images_b)))
+    return types.SimpleNamespace(a=images_a, b=images_b, a_npz=tmp_path / "a.npz", b_npz=tmp_path / "b.npz",
+                                 a_png=write_png_folder(tmp_path / "a_png", images_a), dir=tmp_path)
+
+
+def test_cli_pixel_fid_on_npz_and_png_folder(image_files, capsys):
+    code, out, err = run_main(["--features", "pixel", image_files.a_npz, image_files.b_npz], capsys)
+    assert (code, out) == (0, f"FID (pixel): {fid.pixel_fid(image_files.a, image_files.b):.4f}\n")
+    code, out, err = run_main(["--features", "pixel", image_files.a_npz, image_files.a_npz], capsys)
+    assert (code, out) == (0, "FID (pixel): 0.0000\n")  # not "-0.0000" from round-off
+
+    read_back = np.stack([plt.imread(path)[..., 0] for path in sorted(image_files.a_png.iterdir())])
+    code, out, err = run_main(["--features", "pixel", image_files.a_png, image_files.b_npz], capsys)
+    assert code == 0
+    assert float(out.split(":")[1]) == pytest.approx(fid.pixel_fid(read_back, image_files.b), abs=1e-4)
+
+
+def test_cli_saved_statistics_give_the_same_fid(image_files, capsys):
+    stats_path = image_files.dir / "a_stats.npz"
+    assert run_main(["--features", "pixel", "--save-stats", image_files.a_npz, stats_path], capsys)[0] == 0
+    with np.load(stats_path) as saved:
+        assert set(saved.files) == {"mu", "sigma", "n", "features"}
+        assert (int(saved["n"]), str(saved["features"])) == (100, "pixel")
+    from_images = run_main(["--features", "pixel", image_files.a_npz, image_files.b_npz], capsys)
+    from_statistics = run_main(["--features", "pixel", stats_path, image_files.b_npz], capsys)
+    assert from_statistics[:2] == from_images[:2]
+
+
+def test_cli_key_and_max_samples(image_files, capsys):
+    mnist_like = image_files.dir / "mnist_like.npz"
+    np.savez(mnist_like, x_train=image_files.a, x_test=image_files.b)
+    code, out, _ = run_main(["--features", "pixel", "--key", "x_test", "--max-samples", "50",
+                             mnist_like, image_files.a_npz], capsys)
+    assert (code, out) == (0, f"FID (pixel): {fid.pixel_fid(image_files.b[:50], image_files.a[:50]):.4f}\n")
+
+
+def test_cli_inception_with_a_weights_file(random_inception, random_weights_file, tmp_path,
+                                           monkeypatch, capsys):
+    # sqrtm of a 2048 x 2048 product takes tens of seconds on CPU, and frechet_distance is
+    # tested above: here only the statistics that reach it are checked.
+    compared = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda a, b: compared.append((a, b)) or 1.5)
+    images = [random_images(seed, count=4, side=28) for seed in (8, 9)]
+    for name, image_set in zip("ab", images):
+        np.savez(tmp_path / f"{name}.npz", image_set)
+    code, out, _ = run_main(["--inception-weights", random_weights_file, "--batch-size", "3",
+                             tmp_path / "a.npz", tmp_path / "b.npz"], capsys)
+    assert (code, out) == (0, "FID (inception): 1.5000\n")
+    for statistics, image_set in zip(compared[0], images):
+        expected = fid.inception_statistics(image_set, random_inception, verbose=False)
+        np.testing.assert_allclose(statistics.mu, expected.mu, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(statistics.sigma, expected.sigma, atol=1e-5 * np.abs(expected.sigma).max())
+
+
+def bad_inputs(files):
+    """(arguments, expected part of the error) for each kind of bad input."""
+    (files.dir / "corrupt.npz").write_bytes(b"not an npz")
+    (files.dir / "empty").mkdir()
+    np.savez(files.dir / "two_arrays.npz", x=files.a, y=files.b)
+    np.savez(files.dir / "flat_vectors.npz", np.zeros(10, dtype=np.uint8))
+    np.savez(files.dir / "nan.npz", np.full((4, 8, 8), np.nan))
+    broken_png = write_png_folder(files.dir / "broken_png", files.a[:2])
+    (broken_png / "0001.png").write_bytes(b"not a png")
+    mixed_png = write_png_folder(files.dir / "mixed_png", files.a[:2])
+    plt.imsave(mixed_png / "0002.png", np.zeros((16, 16)), cmap="gray")
+    pixel_stats, small_stats = files.dir / "pixel_stats.npz", files.dir / "small_stats.npz"
+    fid.save_statistics(pixel_stats, fid.pixel_statistics(files.a))
+    fid.save_statistics(small_stats, fid.pixel_statistics(files.a[:, :4, :4]))
+    pixel = ["--features", "pixel"]
+    return [
+        (pixel + [files.dir / "missing.npz", files.b_npz], "no such file"),
+        (pixel + [files.dir / "corrupt.npz", files.b_npz], "cannot read"),
+        (pixel + [files.dir / "empty", files.b_npz], "no PNG images"),
+        (pixel + [files.dir / "two_arrays.npz", files.b_npz], "arrays are: x, y"),
+        (pixel + ["--key", "nope", files.b_npz, files.a_npz], "no array 'nope'"),
+        (pixel + [files.dir / "flat_vectors.npz", files.b_npz], "shaped"),
+        (pixel + [files.dir / "nan.npz", files.b_npz], r"[0, 1]"),
+        (pixel + [broken_png, files.b_npz], "cannot read image"),
+        (pixel + [mixed_png, files.b_npz], "share one size"),
+        ([pixel_stats, files.b_npz], "holds pixel statistics"),
+        (pixel + [small_stats, files.b_npz], "dimensions differ"),
+        (pixel + ["--batch-size", "0", files.a_npz, files.b_npz], "positive integer"),
+        (["--inception-weights", files.dir / "missing.weights.h5", files.a_npz, files.b_npz],
+         "missing.weights.h5"),
+    ]
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(image_files, capsys):
+    for argv, message in bad_inputs(image_files):
+        code, out, err = run_main(argv, capsys)
+        assert code == 2, argv
+        assert out == "" and len(err.splitlines()) == 1, (argv, err)
+        assert err.startswith("fid.py: error: ") and message in err, (argv, err)
+
+
+def test_cli_as_a_real_process(image_files):
+    def run_script(*args):
+        return subprocess.run([sys.executable, str(REPO_ROOT / "fid.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=image_files.dir, timeout=120)
+
+    success = run_script("--features", "pixel", image_files.a_npz, image_files.b_npz)
+    assert success.returncode == 0, success.stderr
+    assert success.stdout == f"FID (pixel): {fid.pixel_fid(image_files.a, image_files.b):.4f}\n"
+
+    failure = run_script("--features", "pixel", "missing.npz", image_files.b_npz)
+    assert failure.returncode == 2 and "Traceback" not in failure.stderr
+    # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL; ours is the single last line.
+    assert failure.stderr.splitlines()[-1] == "fid.py: error: no such file or folder: missing.npz"
