@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -597,12 +598,12 @@ def steps_per_execution(steps_per_epoch, most=100):
     """Steps run per call into the compiled graph: a divisor of the epoch's steps, so the progress
     bar ends exactly at the epoch's end (938 = 14 x 67 for batch 64), unless only a tiny one exists."""
     divisor = max(d for d in range(1, most + 1) if steps_per_epoch % d == 0)
-    return divisor if divisor >= 10 else min(steps_per_epoch, most)
+    return divisor if divisor >= min(10, most) else min(steps_per_epoch, most)
 
 
 def compile_model(model, args, num_train):
     fast = not args.plain
-    steps = steps_per_execution(math.ceil(num_train / args.batch_size)) if fast else 1
+    steps = steps_per_execution(math.ceil(num_train / args.batch_size), args.most_steps_per_execution) if fast else 1
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), jit_compile=fast and args.xla,
                   steps_per_execution=steps)
 
@@ -743,6 +744,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
         save_figure(plot_utils.loss_curves(history, title=title), results_dir / "loss_curves.png")
 
     metrics = {"model": title, "epochs": len(seconds_per_epoch), "config": run_config(args),
+               "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "versions": library_versions(), "seconds_per_epoch": [round(s, 3) for s in seconds_per_epoch]}
     if history:
         for name in ("loss", "reconstruction_loss", "kl_loss"):
@@ -754,15 +756,17 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
 
 
 def main(argv=None, title="Dense VAE", build_encoder=dense_encoder, build_decoder=dense_decoder,
-         epochs=30, batch_size=64, results_dir="results/vae", add_arguments=None, xla=True, iw_samples=5000):
+         epochs=30, batch_size=64, results_dir="results/vae", add_arguments=None, xla=True, most_steps_per_execution=100,
+         iw_samples=5000):
     """Parse, validate, run; every input error becomes one line and exit code 2.
 
-    xla: whether the fast path compiles the train step with XLA (measured faster for the dense
-    model, many times slower for the convolutional one on CPU).
+    xla and most_steps_per_execution shape the fast path per architecture, as measured by
+    tests/bench_training.py on CPU: both help the dense model; the convolutional one is slower
+    with either (XLA's CPU convolutions many times so), its time being in the convolutions.
     """
     parser = build_parser(__doc__.splitlines()[0] if title == "Dense VAE" else title, epochs, batch_size, results_dir,
                           iw_samples)
-    parser.set_defaults(xla=xla)
+    parser.set_defaults(xla=xla, most_steps_per_execution=most_steps_per_execution)
     architecture = parser.add_argument_group("architecture")
     if add_arguments:
         architecture_options = add_arguments(architecture)

@@ -6,13 +6,13 @@ Not collected by pytest (its name does not start with test_). For each model it 
 epochs with the fast path (the default) and with the plain path (`--plain`: arrays into fit, one
 step per call, no XLA), each in its own process, and prints the median seconds per epoch after
 the first (the first holds tracing and compilation, printed apart), the ratio, the arithmetic rate
-and the peak resident memory. Then it times the whole default dense run end to end. Run it with
+and the peak resident memory; then a per-layer profile of one training step, against this
+machine's matmul ceiling; then it times the whole default dense run end to end. Run it with
 nothing else on the machine: both paths share its two cores.
 """
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,19 +53,57 @@ def epoch_gflop(encoder, decoder):
 
 
 def timed_run(script, data, epochs, extra):
-    """One training run in its own process: (seconds per epoch list, peak resident MB, wall seconds)."""
+    """One training run in its own process: (seconds per epoch, peak resident MB, last test loss)."""
     with tempfile.TemporaryDirectory() as results_dir:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        start = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / script), "--data", data, "--results-dir", results_dir,
                         "--epochs", str(epochs), "--fid", "none", "--iw-samples", "0", *extra],
                        cwd=ROOT, check=True, capture_output=True)
-        wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        seconds = json.loads((Path(results_dir) / "metrics.json").read_text())["seconds_per_epoch"]
-        history = (Path(results_dir) / "history.csv").read_text().splitlines()
-    val_loss = float(history[-1].split(",")[history[0].split(",").index("val_loss")])
-    return seconds, max(peak, before) / 1024, wall, val_loss
+        metrics = json.loads((Path(results_dir) / "metrics.json").read_text())
+    return metrics["seconds_per_epoch"], metrics["peak_memory_mb"], metrics["final_test_loss"]
+
+
+def matmul_peak_gflops(size=2048, repeats=20):
+    """This machine's float32 arithmetic ceiling, as a large matrix product reaches it."""
+    a = tf.random.normal((size, size))
+    product = tf.function(lambda a: tf.matmul(a, a))
+    product(a).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        product(a).numpy()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def profile_layers(name, encoder, decoder, batch_size, repeats=20):
+    """Where a training step's time goes: each layer's forward and forward+backward on one batch."""
+    print(f"\n{name}: profile of one training step, batch {batch_size} (ms per step)")
+    print(f"  {'layer':34s} {'output':>18s} {'forward':>9s} {'fwd+bwd':>9s} {'share':>6s} {'GFLOP/s':>8s}")
+    rows = []
+    for model in (encoder, decoder):
+        for layer in model.layers[1:]:
+            x = tf.random.uniform((batch_size, *layer.input.shape[1:]))
+            forward = tf.function(lambda x, layer=layer: layer(x, training=True))
+
+            @tf.function
+            def forward_backward(x, layer=layer):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = tf.reduce_sum(layer(x, training=True))
+                return tape.gradient(y, [x, *layer.trainable_weights])
+
+            times = []
+            for function in (forward, forward_backward):
+                tf.nest.map_structure(lambda t: t.numpy(), function(x))
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    tf.nest.map_structure(lambda t: t.numpy(), function(x))
+                times.append((time.perf_counter() - start) / repeats * 1000)
+            rows.append((f"{model.name}/{layer.name}", str(tuple(layer.output.shape[1:])), *times,
+                         3 * layer_flops(layer) * batch_size / (times[1] / 1000) / 1e9))
+    total = sum(row[3] for row in rows)
+    for label, shape, forward_ms, both_ms, gflops in rows:
+        print(f"  {label:34s} {shape:>18s} {forward_ms:9.2f} {both_ms:9.2f} {both_ms / total:6.0%} {gflops:8.1f}")
+    print(f"  {'sum of layers':34s} {'':>18s} {'':>9s} {total:9.2f}   (x {TRAIN_IMAGES // batch_size} steps "
+          f"= {total * TRAIN_IMAGES / batch_size / 1000:.1f} s per epoch of layer arithmetic)")
 
 
 def benchmark_model(name, script, encoder, decoder, data, epochs):
@@ -72,7 +111,7 @@ def benchmark_model(name, script, encoder, decoder, data, epochs):
     print(f"\n{name}: {gflop:.0f} GFLOP per epoch (60,000 training steps' worth of images, 3 passes; test set, 1 pass)")
     results = {}
     for path, extra in (("fast", []), ("plain", ["--plain"])):
-        seconds, peak_mb, wall, val_loss = timed_run(script, data, epochs, extra)
+        seconds, peak_mb, val_loss = timed_run(script, data, epochs, extra)
         steady = float(np.median(seconds[1:]))
         results[path] = steady
         print(f"  {path:5s}: {steady:6.2f} s/epoch (first epoch {seconds[0]:.2f} s, so ~{seconds[0] - steady:.1f} s "
@@ -90,11 +129,14 @@ def main():
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
     defaults = argparse.Namespace(latent_dim=2, hidden_dim=256, filters=32, dropout=0.25)
+    print(f"float32 matmul 2048x2048 on this machine: {matmul_peak_gflops():.0f} GFLOP/s")
 
     _, dense_ratio = benchmark_model("Dense VAE (batch 64)", "vae.py", vae.dense_encoder(defaults),
                                      vae.dense_decoder(defaults), args.data, args.epochs)
     conv, conv_ratio = benchmark_model("Convolutional VAE (batch 128)", "conv_vae.py", conv_vae.conv_encoder(defaults),
                                        conv_vae.conv_decoder(defaults), args.data, args.epochs)
+    profile_layers("Dense VAE", vae.dense_encoder(defaults), vae.dense_decoder(defaults), 64)
+    profile_layers("Convolutional VAE", conv_vae.conv_encoder(defaults), conv_vae.conv_decoder(defaults), 128)
     print("\ntargets:")
     print(f"  dense fast path >= 3x plain: {dense_ratio:.2f}x -> {'met' if dense_ratio >= 3 else 'NOT met'}")
     print(f"  conv fast path >= 2x plain: {conv_ratio:.2f}x ({conv['fast']:.1f} s/epoch) -> "

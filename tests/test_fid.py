@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from conftest import ROOT as REPO_ROOT
 
-import fid  # noqa: E402
+import fid
 
 # Keras' own save_weights trips this NumPy 2 deprecation once per variable; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

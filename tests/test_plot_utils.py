@@ -2,16 +2,12 @@
 and carries the labels, titles and ticks a reader of the README relies on."""
 
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-# The scripts live at the repo root, which pytest does not put on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import plot_utils  # noqa: E402
+import plot_utils
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
