@@ -58,7 +58,7 @@ def test_loss_curves(tmp_path, n_epochs):
         "reconstruction",
         "KL divergence",
     ]
-    assert "nats" in fig.axes[0].get_ylabel()
+    assert "loss per image" == fig.axes[0].get_ylabel()
     for ax in fig.axes:
         assert ax.get_xlabel() == "epoch"
         assert len(ax.get_lines()) == 2  # train and test
