@@ -428,8 +428,12 @@ def atomic_write(path, write):
     """Call write(temporary_path), then rename onto path (atomic on one file system)."""
     path = Path(path)
     temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:  # a full disk or a Ctrl-C mid-write: leave no partial file behind
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, data):
@@ -618,13 +622,19 @@ def train(model, args, results_dir, x_train, x_test, state):
     else:
         train_data, test_data = make_datasets(args, x_train, x_test)
         fit_data = dict(x=train_data, validation_data=test_data, shuffle=False)  # the dataset shuffles
+    resume_command = (f"python {sys.argv[0]} --results-dir {results_dir} --resume --epochs {args.epochs}"
+                      + ("" if args.data is None else f" --data {args.data}"))
     try:
-        model.fit(**fit_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=[tracker], verbose=2 if os.environ.get("CI") else 1)
+        model.fit(**fit_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=[tracker],
+                  verbose=2 if os.environ.get("CI") else 1)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {tracker.epochs_done} complete epoch(s) are checkpointed in {results_dir}.")
-        print(f"resume with: python {sys.argv[0]} --results-dir {results_dir} --resume --epochs {args.epochs}"
-              + ("" if args.data is None else f" --data {args.data}"))
+        print(f"resume with: {resume_command}")
         raise SystemExit(130)
+    except OSError as e:  # e.g. the disk filled up while writing a checkpoint
+        print(f"error: cannot write a checkpoint in {results_dir} ({e.strerror or e}); the last complete one "
+              f"({tracker.epochs_done} epochs) is intact. Free space, then: {resume_command}", file=sys.stderr)
+        raise SystemExit(1)
     if tracker.diverged_epoch:
         kept = (f"the last good checkpoint ({tracker.epochs_done} epochs) is kept in {results_dir}"
                 if tracker.epochs_done else "no epoch completed, so there is no checkpoint")

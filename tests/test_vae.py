@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -458,3 +459,24 @@ def test_missing_imagenet_weights_is_a_warning_not_a_failure(monkeypatch, tmp_pa
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["fid_inception_recon"] is None and "no network" in metrics["fid_inception_error"]
     assert math.isfinite(metrics["fid_pixel_recon"])
+
+
+def test_full_disk_keeps_the_last_checkpoint_and_no_partial_file(monkeypatch, tmp_path, tiny_mnist, capsys):
+    real_save = vae.VAE.save
+    saves = []
+
+    def save_until_disk_is_full(model, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 1:
+            return real_save(model, path, *args, **kwargs)
+        Path(path).write_bytes(b"half a model")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vae.VAE, "save", save_until_disk_is_full)
+    with pytest.raises(SystemExit) as exit_info:
+        vae.main(list(map(str, ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "3"])))
+    assert exit_info.value.code == 1
+    assert "No space left on device" in capsys.readouterr().err
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert state["epochs_done"] == 1 and (tmp_path / state["model_file"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch1.keras", "checkpoint.json"]
