@@ -301,8 +301,8 @@ def evaluate_elbo(model, x, seed):
     return reconstructions, nll, kl
 
 
-def normal_log_density(x, log_var=0.0):
-    return -0.5 * (math.log(2 * math.pi) + log_var + ops.square(x) / ops.exp(log_var))
+def standard_normal_log_density(x):
+    return -0.5 * (math.log(2 * math.pi) + ops.square(x))
 
 
 def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_batch=100,
@@ -319,8 +319,8 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
     @tf.function(jit_compile=xla)
     def log_weights(x_batch, z_mean, z_log_var, epsilon):
         z = z_mean[:, None, :] + ops.exp(0.5 * z_log_var)[:, None, :] * epsilon
-        log_q = ops.sum(normal_log_density(epsilon) - 0.5 * z_log_var[:, None, :], axis=-1)
-        log_prior = ops.sum(normal_log_density(z), axis=-1)
+        log_q = ops.sum(standard_normal_log_density(epsilon) - 0.5 * z_log_var[:, None, :], axis=-1)
+        log_prior = ops.sum(standard_normal_log_density(z), axis=-1)
         batch, chunk, latent = ops.shape(epsilon)
         x_hat = model.decoder(ops.reshape(z, (batch * chunk, latent)), training=False)
         x_repeated = ops.repeat(x_batch, chunk, axis=0)
