@@ -64,3 +64,8 @@ def error_lines(stderr):
     """Our own stderr lines, without TensorFlow's start-up log noise."""
     noise = ("WARNING: All log messages", "I0000", "W0000", "E0000", "To enable the following instructions")
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith(noise)]
+
+
+def pytest_configure(config):
+    # Keras' own save_weights trips this NumPy 2 deprecation once per variable; nothing of ours.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")

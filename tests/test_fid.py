@@ -15,8 +15,6 @@ from conftest import ROOT as REPO_ROOT
 
 import fid
 
-# Keras' own save_weights trips this NumPy 2 deprecation once per variable; nothing of ours.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 def gaussian(mu, sigma, features="pixel"):
