@@ -287,12 +287,13 @@ def decode(model, z, batch_size=1000):
     return model.decoder.predict(z, batch_size=batch_size, verbose=0)
 
 
-def evaluate_elbo(model, x, seed):
+def evaluate_elbo(model, x, seed, posterior=None):
     """One z ~ q(z|x) per test image with fixed noise (deterministic, unlike a fit-time metric).
 
     Returns the reconstructions (as the original's `vae.predict`) and the per-image ELBO terms in nats.
+    posterior: (z_mean, z_log_var) of x, when the caller has already encoded it.
     """
-    z_mean, z_log_var = encode(model, x)
+    z_mean, z_log_var = posterior or encode(model, x)
     epsilon = np.random.default_rng(seed).standard_normal(z_mean.shape).astype(np.float32)
     reconstructions = decode(model, z_mean + np.exp(0.5 * z_log_var) * epsilon)
     error = ops.convert_to_numpy(reconstruction_error(x, reconstructions, model.likelihood))
@@ -306,7 +307,7 @@ def standard_normal_log_density(x):
 
 
 def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_batch=100,
-                                       samples_per_chunk=None, xla=True, verbose=True):
+                                       samples_per_chunk=None, xla=True, verbose=True, posterior=None):
     """log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), per image.
 
     Images go through in batches and their K samples in chunks, so memory stays bounded; the
@@ -328,7 +329,7 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
         return ops.reshape(log_px, (batch, chunk)) + log_prior - log_q
 
     rng = np.random.default_rng(seed)
-    z_mean, z_log_var = encode(model, x)
+    z_mean, z_log_var = posterior or encode(model, x)
     estimates = np.empty(len(x))
     start = time.perf_counter()
     for begin in range(0, len(x), images_per_batch):
@@ -653,13 +654,14 @@ def evaluate(model, args, title, results_dir, x_test, y_test, inception, incepti
     """Figures, ELBO, importance-weighted log-likelihood and FIDs; deterministic for a given seed."""
     metrics = {}
     test_images = binarize_once(x_test, TEST_BINARIZATION_SEED) if args.binarize == "dynamic" else x_test
-    reconstructions, nll, kl = evaluate_elbo(model, test_images, args.seed)
+    posterior = encode(model, test_images)
+    reconstructions, nll, kl = evaluate_elbo(model, test_images, args.seed, posterior)
     metrics.update(test_elbo=float(-np.mean(nll + kl)), test_reconstruction_nll=float(np.mean(nll)),
                    test_kl=float(np.mean(kl)))
     save_figure(plot_utils.reconstructions(test_images[:100], reconstructions[:100], title=title),
                 results_dir / "reconstruction_images.png")
 
-    z_mean, _ = encode(model, test_images)
+    z_mean = posterior[0]
     save_figure(plot_utils.latent_space(z_mean, y_test, title=title), results_dir / "latent_space_representation.png")
     if z_mean.shape[1] == 2:
         grid = np.linspace(-MANIFOLD_LIMIT, MANIFOLD_LIMIT, MANIFOLD_SIZE, dtype=np.float32)
@@ -670,12 +672,14 @@ def evaluate(model, args, title, results_dir, x_test, y_test, inception, incepti
         print(f"note: latent dimension {z_mean.shape[1]}: the 2-D manifold figure is skipped")
 
     prior_rng = np.random.default_rng(args.seed + 1)
-    samples = decode(model, prior_rng.standard_normal((args.fid_samples, z_mean.shape[1])).astype(np.float32))
+    count = 100 if args.fid == "none" else args.fid_samples  # the figure shows the first 100 either way
+    samples = decode(model, prior_rng.standard_normal((count, z_mean.shape[1])).astype(np.float32))
     save_figure(plot_utils.samples(samples[:100], title=title), results_dir / "samples.png")
 
     if args.iw_samples:
         start = time.perf_counter()
-        log_likelihood = importance_weighted_log_likelihood(model, test_images, args.iw_samples, args.seed, xla=args.xla)
+        log_likelihood = importance_weighted_log_likelihood(model, test_images, args.iw_samples, args.seed, xla=args.xla,
+                                                            posterior=posterior)
         metrics.update(test_log_likelihood_iw=float(np.mean(log_likelihood)), iw_samples=args.iw_samples,
                        iw_seconds=round(time.perf_counter() - start, 2))
     metrics.update(fids(args, test_images, reconstructions, samples, inception, inception_error))

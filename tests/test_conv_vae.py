@@ -1,5 +1,6 @@
 """conv_vae.py: the convolutional encoder/decoder on vae.py's pipeline, end to end."""
 
+import argparse
 import json
 
 import keras
@@ -53,8 +54,7 @@ def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
 
 
 def test_architecture_matches_the_original():
-    args = vae.build_parser("", 100, 128, "results/conv_vae", 500).parse_args([])
-    args.filters, args.dropout = 32, 0.25
+    args = argparse.Namespace(latent_dim=2, filters=32, dropout=0.25)
     encoder, decoder = conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)
     assert [layer.__class__.__name__ for layer in encoder.layers[1:]] == [
         "Conv2D", "Conv2D", "Dropout", "Flatten", "Dense", "Dense", "Dense"]
