@@ -128,7 +128,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="epochs per timed run (the first is excluded)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
-    defaults = argparse.Namespace(latent_dim=2, hidden_dim=256, filters=32, dropout=0.25)
+    defaults = argparse.Namespace(latent_dim=2, hidden_dim=256, filters=32, dropout=0.25, plain=False)
     print(f"float32 matmul 2048x2048 on this machine: {matmul_peak_gflops():.0f} GFLOP/s")
 
     _, dense_ratio = benchmark_model("Dense VAE (batch 64)", "vae.py", vae.dense_encoder(defaults),

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 
 import keras
 import numpy as np
@@ -36,6 +37,7 @@ def test_saved_model_with_custom_layers_reproduces_its_reconstructions(finished_
     results_dir, _ = finished_run
     model = keras.models.load_model(results_dir / "model.keras")
     assert isinstance(model, vae.VAE) and isinstance(model.sampling, vae.Sampling)
+    assert len(vae.random_states(model)) == 4  # sampling, binarization, two dropouts: a resume goes on with each
     x_test = vae.to_float_images(vae.load_mnist(tiny_mnist)[2])
     reconstructions, nll, kl = vae.evaluate_elbo(model, x_test, seed=0)
     metrics = json.loads((results_dir / "metrics.json").read_text())
@@ -53,15 +55,40 @@ def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
     assert not np.allclose(model.decoder(z_mean, training=True), model.decoder(z_mean, training=True))
 
 
-def test_architecture_matches_the_original():
-    args = argparse.Namespace(latent_dim=2, filters=32, dropout=0.25)
+@pytest.mark.parametrize("plain, dropout", [(False, "ByteDropout"), (True, "Dropout")])
+def test_architecture_matches_the_original(plain, dropout):
+    args = argparse.Namespace(latent_dim=2, filters=32, dropout=0.25, plain=plain)
     encoder, decoder = conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)
     assert [layer.__class__.__name__ for layer in encoder.layers[1:]] == [
-        "Conv2D", "Conv2D", "Dropout", "Flatten", "Dense", "Dense", "Dense"]
+        "Conv2D", "Conv2D", dropout, "Flatten", "Dense", "Dense", "Dense"]
     assert encoder.layers[2].output.shape == (None, 7, 7, 64) and encoder.layers[5].units == 32
     assert [layer.__class__.__name__ for layer in decoder.layers[1:]] == [
-        "Dense", "Reshape", "Conv2DTranspose", "Conv2DTranspose", "Dropout", "Conv2DTranspose"]
+        "Dense", "Reshape", "Conv2DTranspose", "Conv2DTranspose", dropout, "Conv2DTranspose"]
     assert decoder.output.shape == (None, 28, 28, 1)
+
+
+def kept_fraction_tolerance(keep, size):
+    return 5 * math.sqrt(keep * (1 - keep) / size)
+
+
+def test_byte_dropout_has_keras_dropouts_mask_distribution():
+    layer = conv_vae.ByteDropout(0.25, seed=0)
+    x = np.ones((64, 28, 28, 32), np.float32)
+    first, second = (keras.ops.convert_to_numpy(layer(x, training=True)) for _ in range(2))
+    kept = first != 0
+    assert abs(kept.mean() - 0.75) < kept_fraction_tolerance(0.75, kept.size)
+    np.testing.assert_allclose(first[kept], 1 / 0.75, rtol=1e-6)  # kept units scaled as Keras does
+    for lane in kept.reshape(-1, 4).T:  # each byte of a random word is its own fair draw
+        assert abs(lane.mean() - 0.75) < kept_fraction_tolerance(0.75, lane.size)
+    both = kept & (second != 0)  # a fresh mask per call, independent of the last
+    assert abs(both.mean() - 0.75**2) < kept_fraction_tolerance(0.75**2, both.size)
+    np.testing.assert_array_equal(layer(x, training=False), x)
+
+
+def test_byte_dropout_leaves_rates_bytes_cannot_express_to_keras():
+    x = np.ones((64, 28, 28, 32), np.float32)
+    kept = keras.ops.convert_to_numpy(conv_vae.ByteDropout(0.3, seed=0)(x, training=True)) != 0
+    assert abs(kept.mean() - 0.7) < kept_fraction_tolerance(0.7, kept.size)
 
 
 @pytest.mark.parametrize("args, message", [

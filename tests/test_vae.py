@@ -1,5 +1,6 @@
 """vae.py: data loading and its errors, the model's maths, the likelihood estimates, and whole runs."""
 
+import argparse
 import gzip
 import json
 import math
@@ -144,6 +145,45 @@ def test_binarize_once_draws_bernoulli_pixels():
     assert set(np.unique(binary)) == {0.0, 1.0}
     assert binary.mean() == pytest.approx(0.3, abs=0.005)
     np.testing.assert_array_equal(binary, vae.binarize_once(x, seed=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast training path: same batches, same updates
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fast_path_data_holds_each_image_once_per_epoch_in_a_fresh_seeded_order():
+    x = np.arange(70, dtype=np.float32)[:, None, None, None] * np.ones((1, 28, 28, 1), np.float32)
+    args = argparse.Namespace(batch_size=8, batches_per_step=3, seed=0)
+    train, _, groups_per_epoch = vae.make_datasets(args, x, x[:10])
+    assert groups_per_epoch == 4  # 70 images = 8 full batches in groups of 3, 3, 2, then the last 6 alone
+    groups = [group.numpy() for group in train.take(2 * groups_per_epoch)]
+    assert [group.shape for group in groups[:4]] == [(3, 8, 28, 28, 1), (3, 8, 28, 28, 1), (2, 8, 28, 28, 1),
+                                                     (1, 6, 28, 28, 1)]
+    orders = [np.concatenate([group[..., 0, 0, 0].ravel() for group in groups[4 * e:4 * e + 4]]) for e in (0, 1)]
+    for order in orders:
+        assert sorted(order) == list(range(70))
+    assert not np.array_equal(orders[0], orders[1])
+    again = [group.numpy() for group in vae.make_datasets(args, x, x[:10])[0].take(4)]
+    np.testing.assert_array_equal(np.concatenate([g[..., 0, 0, 0].ravel() for g in again]), orders[0])
+
+
+def test_groups_of_batches_train_exactly_like_one_batch_per_step(tiny_mnist):
+    x = vae.to_float_images(vae.load_mnist(tiny_mnist)[0][:100])
+    weights, updates = [], []
+    for batches_per_step in (1, 4):
+        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3,
+                                  xla=True, plain=False, latent_dim=2, hidden_dim=32)
+        keras.utils.set_random_seed(0)
+        model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args), seed=0)
+        vae.compile_model(model, args)
+        train, _, groups_per_epoch = vae.make_datasets(args, x, x)
+        model.fit(train, steps_per_epoch=groups_per_epoch, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+        updates.append(int(model.optimizer.iterations))
+    assert updates == [2 * 7, 2 * 7]  # 100 images in batches of 16: 6 full and one of 4, per epoch
+    for grouped, single in zip(*weights):
+        np.testing.assert_allclose(grouped, single, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +424,15 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     assert "resuming from epoch" in result.stdout
     check_finished_run(tmp_path, epochs=40)
     assert len(list(tmp_path.glob("checkpoint-epoch*.keras"))) == 1
+
+
+def test_resumed_run_learns_exactly_what_an_unbroken_run_learns(finished_run, tmp_path, tiny_mnist):
+    for epochs, resume in (("1", []), ("2", ["--resume"])):
+        result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", epochs, *resume)
+        assert result.returncode == 0, result.stderr
+    unbroken = json.loads((finished_run[0] / "checkpoint.json").read_text())["history"]
+    resumed = json.loads((tmp_path / "checkpoint.json").read_text())["history"]
+    assert resumed == unbroken  # weights, optimizer, random streams and the data order all carry over
 
 
 def test_resume_extends_a_finished_run_and_keeps_its_configuration(finished_run, tmp_path, tiny_mnist):
