@@ -406,7 +406,8 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
     train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
                        help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use (test set: once, fixed)")
     train.add_argument("--plain", action="store_true",
-                       help="plain Keras path (arrays into fit, one step per call, no XLA): same math, slower; the speed baseline")
+                       help="plain Keras path (arrays into fit, one batch per step, no XLA, Keras' own dropout): "
+                            "same math, slower; the speed baseline")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None,
                       help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four MNIST IDX files; "
