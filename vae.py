@@ -229,7 +229,11 @@ class VAE(keras.Model):
         one program per group: launching it per batch cost the dense model a third of its time."""
         x = data[0] if isinstance(data, tuple) else data
         if len(x.shape) == len(IMAGE_SHAPE) + 2:
-            ops.fori_loop(0, ops.shape(x)[0], lambda i, count: count + self.update(x[i]), 0)
+            def update_batch(i, batches_done):
+                self.update(x[i])
+                return batches_done + 1
+
+            ops.fori_loop(0, ops.shape(x)[0], update_batch, 0)
         else:
             self.update(x)
         return {m.name: m.result() for m in self.metrics}
@@ -244,7 +248,6 @@ class VAE(keras.Model):
         gradients = tape.gradient(total, self.trainable_weights)
         self.optimizer.apply(gradients, self.trainable_weights)
         self.track(total, reconstruction, kl)
-        return 1
 
     def test_step(self, data):
         x = data[0] if isinstance(data, tuple) else data
@@ -635,7 +638,8 @@ def make_datasets(args, x_train, x_test, first_epoch=0):
             index_groups = index_groups.concatenate(tf.data.Dataset.from_tensors(order[None, num_full * batch_size:]))
         return index_groups.map(lambda indices: tf.gather(images, indices))
 
-    train = tf.data.Dataset.random(seed=args.seed).skip(first_epoch).map(permutation).flat_map(groups).prefetch(tf.data.AUTOTUNE)
+    permutations = tf.data.Dataset.random(seed=args.seed).skip(first_epoch).map(permutation)
+    train = permutations.flat_map(groups).prefetch(tf.data.AUTOTUNE)
     test = tf.data.Dataset.from_tensor_slices(x_test).batch(max(batch_size, 1000)).prefetch(tf.data.AUTOTUNE)
     return train, test, math.ceil(num_full / args.batches_per_step) + (remainder > 0)
 
