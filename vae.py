@@ -661,6 +661,7 @@ def train(model, args, results_dir, x_train, x_test, state):
                         shuffle=False)  # the dataset shuffles
     resume_command = (f"python {sys.argv[0]} --results-dir {results_dir} --resume --epochs {args.epochs}"
                       + ("" if args.data is None else f" --data {args.data}"))
+    model.steps_per_execution = 1  # a group of batches per call; checkpoints of older revisions saved 67
     try:
         model.fit(**fit_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=[tracker],
                   verbose=2 if os.environ.get("CI") else 1)
