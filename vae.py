@@ -236,7 +236,7 @@ class VAE(keras.Model):
             ops.fori_loop(0, ops.shape(x)[0], update_batch, 0)
         else:
             self.update(x)
-        return {m.name: m.result() for m in self.metrics}
+        return self.get_metrics_result()
 
     def update(self, x):
         """One batch: forward, gradients, Adam, loss trackers."""
@@ -252,7 +252,7 @@ class VAE(keras.Model):
     def test_step(self, data):
         x = data[0] if isinstance(data, tuple) else data
         self.track(*self.loss_terms(x, training=False))
-        return {m.name: m.result() for m in self.metrics}
+        return self.get_metrics_result()
 
     def get_config(self):
         return {
@@ -814,8 +814,8 @@ def main(argv=None, title="Dense VAE", build_encoder=dense_encoder, build_decode
     """Parse, validate, run; every input error becomes one line and exit code 2.
 
     xla and batches_per_step shape the fast path per architecture, as measured by
-    tests/bench_training.py on CPU: both help the dense model; the convolutional one is slower
-    with either (XLA's CPU convolutions many times so), its time being in the convolutions.
+    tests/bench_training.py on CPU: both help the dense model; the convolutional one is many times
+    slower with XLA (its CPU convolutions) and gains nothing from groups without it.
     """
     parser = build_parser(__doc__.splitlines()[0] if title == "Dense VAE" else title, epochs, batch_size, results_dir,
                           iw_samples)

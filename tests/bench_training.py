@@ -118,8 +118,7 @@ def profile_layers(name, encoder, decoder, batch_size, xla, repeats=20):
 def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
     """Seconds per epoch of the train step alone: `steps` batches already in memory, looped inside
     one compiled program (no data pipeline, no Keras loop, no test pass): the floor of the fast path."""
-    with np.load(data) as arrays:
-        x = vae.to_float_images(arrays["x_train"][:steps * batch_size])
+    x = vae.to_float_images(vae.load_mnist(data)[0][:steps * batch_size])
     batches = tf.constant(x.reshape(steps, batch_size, *vae.IMAGE_SHAPE))
     model = vae.VAE(encoder, decoder, seed=0)
     model(batches[0])
