@@ -1,11 +1,14 @@
-"""Fréchet Inception Distance (FID) between two sets of MNIST-like images.
+"""Fréchet distances (FID) between two sets of MNIST-like images, in three feature spaces:
 
-Two feature spaces:
 - "inception": the standard FID (Heusel et al. 2017) on the 2048-d pool features of
   Keras' InceptionV3. Keras' ImageNet weights are not the TF-slim graph that pytorch-fid and
   the original TTUR code use, so the numbers are comparable with each other, not with papers.
 - "pixel": the same formula on raw pixels, the metric the original repo reported
   (test images vs reconstructions: 20.359 / 15.511).
+- "classifier": the 128-d penultimate layer of a small convolutional classifier trained on the
+  data itself, as TTUR's authors advise for data unlike ImageNet (and as TF-GAN's
+  mnist_frechet_distance and Bińkowski et al.'s LeNet features do). Trained once per training
+  set from a fixed seed and cached; comparable only between runs that use the same classifier.
 
 Command line, in the style of pytorch-fid (`python -m pytorch_fid A B`):
     python fid.py A B                          FID between two image sets or statistics files
@@ -15,9 +18,10 @@ Command line, in the style of pytorch-fid (`python -m pytorch_fid A B`):
 import argparse
 import dataclasses
 import hashlib
+import json
+import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -27,11 +31,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import matplotlib.image
+from keras import ops
 import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
-FEATURE_KINDS = ("pixel", "inception")
+FEATURE_KINDS = ("pixel", "classifier", "inception")
 INCEPTION_INPUT_SHAPE = (299, 299, 3)
 SQRTM_EPS = 1e-6
 MAX_IMAGINARY_COMPONENT = 1e-3  # pytorch-fid's tolerance on the diagonal of sqrtm
@@ -45,7 +50,7 @@ class Statistics:
     mu: np.ndarray  # float64, (d,)
     sigma: np.ndarray  # float64, (d, d)
     n: int
-    features: str  # "pixel" or "inception"
+    features: str  # one of FEATURE_KINDS
 
 
 class InceptionUnavailable(Exception):
@@ -163,10 +168,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def inception_statistics(images, model, batch_size=50, verbose=True) -> Statistics:
+def inception_statistics(images, model, batch_size=50, verbose=True, skip_hint="") -> Statistics:
     """Mean and covariance of Inception pool features, streamed in batches.
 
     Only float64 running sums of x and x x^T are kept, never the N x 2048 feature matrix.
+    skip_hint is appended to the time estimate printed after the first batch.
     """
     images = check_images(images)
     total = len(images)
@@ -192,7 +198,7 @@ def inception_statistics(images, model, batch_size=50, verbose=True) -> Statisti
             elapsed = time.perf_counter() - start_time
             if start == 0:
                 print(f"fid: first batch took {elapsed:.1f} s, estimated total "
-                      f"{format_duration(elapsed * total / done)}", file=sys.stderr)
+                      f"{format_duration(elapsed * total / done)}{skip_hint}", file=sys.stderr)
             print(f"\rfid: {done}/{total} images, {done / elapsed:.1f} images/s",
                   end="\n" if done == total else "", file=sys.stderr, flush=True)
     mu = feature_sum / total
@@ -206,27 +212,35 @@ def default_cache_dir() -> Path:
     return Path(cache_home) / "mnist-vae-fid"
 
 
-def statistics_fingerprint(images: np.ndarray, features: str, inception=None) -> str:
+def statistics_fingerprint(images: np.ndarray, features: str, network=None) -> str:
     """sha256 of everything the statistics depend on: image bytes, shape, dtype, features, weights."""
     digest = hashlib.sha256()
-    weights = inception.weights_sha256 if features == "inception" else ""
+    weights = network.weights_sha256 if features != "pixel" else ""
     digest.update(f"{features}|{images.dtype.str}|{images.shape}|{weights}|".encode())
     digest.update(np.ascontiguousarray(images).tobytes())
     return digest.hexdigest()
 
 
+def atomic_write(path, write):
+    """Call write(temporary_path) beside path, then rename onto it (atomic on one file system):
+    a full disk or a Ctrl-C mid-write never leaves a truncated file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def save_statistics(path, statistics: Statistics, **extra_arrays):
     """Write statistics atomically, so an interrupted run never leaves a truncated file."""
-    path = Path(path)
-    file_descriptor, temporary_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(file_descriptor, "wb") as file:
+    def write(temporary):
+        with open(temporary, "wb") as file:
             np.savez(file, mu=statistics.mu, sigma=statistics.sigma, n=statistics.n,
                      features=statistics.features, **extra_arrays)
-        os.replace(temporary_path, path)
-    except BaseException:
-        os.unlink(temporary_path)
-        raise
+    atomic_write(path, write)
 
 
 def read_npz(path) -> dict:
@@ -257,26 +271,32 @@ def statistics_from_arrays(arrays: dict, path) -> Statistics:
     return Statistics(mu=mu, sigma=sigma, n=int(arrays["n"]), features=features)
 
 
-def compute_statistics(images, features="pixel", inception=None, batch_size=50,
-                       cache_dir=None, verbose=True) -> Statistics:
+def compute_statistics(images, features="pixel", network=None, batch_size=50,
+                       cache_dir=None, verbose=True, skip_hint="") -> Statistics:
     """Statistics of one image set, cached in cache_dir when given (e.g. for the test set).
 
-    inception is a model from load_inception; None loads the ImageNet weights.
+    network: for "inception" a model from load_inception (None loads the ImageNet weights), for
+    "classifier" one from load_or_train_classifier or load_classifier. skip_hint ends the
+    estimate of a long Inception pass (how the caller's user skips it).
     """
     if features not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
     images = np.asarray(images)
-    if features == "inception" and inception is None:
-        inception = load_inception()
+    if features == "inception" and network is None:
+        network = load_inception()
+    if features == "classifier" and network is None:
+        raise ValueError("classifier features need a classifier (load_or_train_classifier or load_classifier)")
 
     def compute():
         if features == "pixel":
             return pixel_statistics(images)
-        return inception_statistics(images, inception, batch_size=batch_size, verbose=verbose)
+        if features == "classifier":
+            return classifier_statistics(images, network)
+        return inception_statistics(images, network, batch_size=batch_size, verbose=verbose, skip_hint=skip_hint)
 
     if cache_dir is None:
         return compute()
-    fingerprint = statistics_fingerprint(images, features, inception)
+    fingerprint = statistics_fingerprint(images, features, network)
     cache_path = Path(cache_dir) / f"{features}-{fingerprint}.npz"
     if cache_path.exists():
         try:
@@ -292,6 +312,179 @@ def compute_statistics(images, features="pixel", inception=None, batch_size=50,
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     save_statistics(cache_path, statistics, fingerprint=fingerprint)
     return statistics
+
+
+# ---------------------------------------------------------------- digit classifier
+
+# How the classifier is trained: part of its cache key, so a change here trains a new one.
+# Measured on MNIST: 99.2% test accuracy after these 3 epochs (README, "Three FIDs").
+CLASSIFIER_RECIPE = {"epochs": 3, "batch_size": 128, "learning_rate": 3e-3, "seed": 0}
+CLASSIFIER_PROGRESS_EVERY = 50  # training steps between progress lines
+
+
+def build_classifier(seed=CLASSIFIER_RECIPE["seed"]):
+    """LeNet-style digit classifier: Conv(32) - pool - Conv(64) - pool - Dense(128) - Dense(10) logits.
+
+    The FID uses its 128-d ReLU layer (the penultimate one, named "features"). Every layer is
+    named and every initializer seeded, so the definition (part of the cache key) and the
+    trained weights are the same in every process.
+    """
+    def initializer(index):
+        return keras.initializers.GlorotUniform(seed=seed + index)
+
+    inputs = keras.Input((28, 28, 1), name="image")
+    h = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=initializer(1), name="conv1")(inputs)
+    h = keras.layers.MaxPooling2D(name="pool1")(h)
+    h = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=initializer(2), name="conv2")(h)
+    h = keras.layers.MaxPooling2D(name="pool2")(h)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(128, activation="relu", kernel_initializer=initializer(3), name="features")(h)
+    logits = keras.layers.Dense(10, kernel_initializer=initializer(4), name="logits")(h)
+    return keras.Model(inputs, logits, name="digit_classifier")
+
+
+def classifier_key(train_images, train_labels) -> str:
+    """sha256 of what the trained classifier depends on: its definition, recipe and training data."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CLASSIFIER_RECIPE, build_classifier().to_json()], sort_keys=True).encode())
+    for array in (train_images, train_labels):
+        digest.update(f"|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+class ClassifierProgress(keras.callbacks.Callback):
+    """A progress line, and after the first steps an estimate of the whole training time."""
+
+    def __init__(self, total_steps, skip_hint):
+        super().__init__()
+        self.total_steps, self.skip_hint, self.steps = total_steps, skip_hint, 0
+        self.start = time.perf_counter()  # one object across the per-epoch fit calls
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        elapsed = time.perf_counter() - self.start
+        if self.steps == 1:
+            self.first_step = elapsed  # holds the tracing: left out of the per-step rate
+        rate = (elapsed - self.first_step) / max(self.steps - 1, 1)
+        remaining = rate * (self.total_steps - self.steps)
+        if self.steps == 20:
+            print(f"fid: training the classifier takes about {format_duration(elapsed + remaining)}{self.skip_hint}",
+                  file=sys.stderr)
+        if self.steps % CLASSIFIER_PROGRESS_EVERY == 0 or self.steps == self.total_steps:
+            print(f"\rfid: classifier training {self.steps}/{self.total_steps} steps, "
+                  f"{elapsed:.0f} s elapsed, ~{remaining:.0f} s left", end="\n" if self.steps == self.total_steps else "",
+                  file=sys.stderr, flush=True)
+
+
+def train_classifier(train_images, train_labels, test_images, test_labels, verbose=True, skip_hint=""):
+    """The classifier trained from its fixed seed by CLASSIFIER_RECIPE; test_accuracy set on it.
+
+    Each epoch sees the training set in a fresh seeded order (NumPy permutations, not TensorFlow's
+    global seed), so the same data give the same weights whatever the caller seeded before.
+    """
+    train_images = check_images(train_images)
+    train_labels = np.asarray(train_labels).astype(np.int32)
+    if train_labels.shape != (len(train_images),):
+        raise ValueError(f"labels shaped {train_labels.shape} do not match {len(train_images)} images")
+    recipe = CLASSIFIER_RECIPE
+    total_steps = recipe["epochs"] * math.ceil(len(train_images) / recipe["batch_size"])
+    model = build_classifier(recipe["seed"])
+    schedule = keras.optimizers.schedules.CosineDecay(recipe["learning_rate"], total_steps)
+    model.compile(keras.optimizers.Adam(schedule), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    if verbose:
+        print(f"fid: training the digit classifier on {len(train_images)} images ({recipe['epochs']} epochs, "
+              f"from seed {recipe['seed']})", file=sys.stderr)
+    callbacks = [ClassifierProgress(total_steps, skip_hint)] if verbose else []
+    x = to_unit_float(train_images, np.float32)[..., None]
+    rng = np.random.default_rng(recipe["seed"])
+    for epoch in range(recipe["epochs"]):
+        # A plain dataset per epoch: NumPy arrays into fit, or one prefetched stream of all epochs,
+        # each took Keras seconds to tear down after the last step (measured: 4-6 s of 25).
+        order = rng.permutation(len(x))
+        batches = tf.data.Dataset.from_tensor_slices((x[order], train_labels[order])).batch(recipe["batch_size"])
+        model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0, callbacks=callbacks)
+    model.test_accuracy = classifier_accuracy(model, test_images, test_labels)
+    model.weights_sha256 = weights_sha256(model)
+    return model
+
+
+def classifier_accuracy(model, images, labels) -> float:
+    logits = model.predict(to_unit_float(check_images(images), np.float32)[..., None], batch_size=1000, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+
+
+def load_classifier(path):
+    """A classifier saved as .keras (ours, or any Keras model whose penultimate layer gives the
+    features); test_accuracy comes from the file beside it that our cache writes, else None."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such classifier file: {path}")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:
+        raise ValueError(f"cannot load classifier {path}: {' '.join(str(error).split())[:200]}") from error
+    if len(model.inputs) != 1 or len(model.layers) < 2:
+        raise ValueError(f"{path} is not a classifier with one input and a penultimate layer")
+    info = path.with_suffix(".json")
+    model.test_accuracy = json.loads(info.read_text()).get("test_accuracy") if info.is_file() else None
+    model.weights_sha256 = weights_sha256(model)
+    return model
+
+
+def load_or_train_classifier(train_images, train_labels, test_images, test_labels, cache_dir=None,
+                             verbose=True, skip_hint=""):
+    """The classifier of this training set from cache_dir (default_cache_dir()), trained and
+    cached first if there is none. Its file is classifier-<key>.keras; classifier-<key>.json
+    beside it (written last: the commit point) records the key and test accuracy."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    key = classifier_key(np.asarray(train_images), np.asarray(train_labels))
+    path = cache_dir / f"classifier-{key}.keras"
+    info = path.with_suffix(".json")
+    if path.is_file() and info.is_file():
+        try:
+            model = load_classifier(path)
+            if verbose:
+                print(f"fid: using cached classifier {path} (test accuracy {model.test_accuracy:.2%})",
+                      file=sys.stderr)
+            return model
+        except (ValueError, OSError) as error:  # a damaged entry is retrained and replaced
+            if verbose:
+                print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
+    start = time.perf_counter()
+    model = train_classifier(train_images, train_labels, test_images, test_labels, verbose, skip_hint)
+    seconds = time.perf_counter() - start
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, model.save)
+    atomic_write(info, lambda temporary: Path(temporary).write_text(json.dumps(
+        {"key": key, "test_accuracy": model.test_accuracy, "training_images": len(train_images),
+         "training_seconds": round(seconds, 1), "recipe": CLASSIFIER_RECIPE}, indent=2) + "\n"))
+    if verbose:
+        print(f"fid: classifier test accuracy {model.test_accuracy:.2%}, trained in {seconds:.0f} s, cached in {path}",
+              file=sys.stderr)
+    return model
+
+
+def newest_cached_classifier(cache_dir=None):
+    """The most recently trained classifier in the cache, for the command line; None if there is none."""
+    cached = sorted(Path(cache_dir or default_cache_dir()).glob("classifier-*.keras"), key=lambda p: p.stat().st_mtime)
+    return cached[-1] if cached else None
+
+
+def classifier_statistics(images, classifier, batch_size=1000) -> Statistics:
+    """Mean and covariance of the classifier's penultimate-layer activations, in float64."""
+    images = check_images(images)
+    if images.shape[1:] != tuple(classifier.inputs[0].shape[1:3]):
+        raise ValueError(f"the classifier takes {classifier.inputs[0].shape[1]}x{classifier.inputs[0].shape[2]} "
+                         f"images, got {images.shape[1]}x{images.shape[2]}")
+    extractor = keras.Model(classifier.input, classifier.layers[-2].output)
+    features = np.concatenate([  # eager calls: predict would trace a new function for each extractor
+        ops.convert_to_numpy(extractor(to_unit_float(images[start:start + batch_size], np.float32)[..., None]))
+        for start in range(0, len(images), batch_size)])
+    features = features.reshape(len(images), -1).astype(np.float64)
+    return Statistics(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), n=len(images),
+                      features="classifier")
 
 
 # ---------------------------------------------------------------- command line
@@ -359,16 +552,20 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="fid.py",
-        description="Fréchet Inception Distance between two image sets. Each of A and B is an "
-                    ".npz of images (uint8 0-255 or float in [0, 1]), a folder of PNG images, "
-                    "or a statistics file written by --save-stats.")
+        description="Fréchet distance between two image sets in Inception, classifier or pixel "
+                    "features. Each of A and B is an .npz of images (uint8 0-255 or float in [0, 1]), "
+                    "a folder of PNG images, or a statistics file written by --save-stats.")
     parser.add_argument("a", metavar="A", help="first set; with --save-stats: the images")
     parser.add_argument("b", metavar="B", help="second set; with --save-stats: the .npz to write")
     parser.add_argument("--save-stats", action="store_true",
                         help="write the statistics (mu, sigma, n, features) of A to B")
     parser.add_argument("--features", choices=FEATURE_KINDS, default="inception",
-                        help="Inception pool features (standard FID) or raw pixels, the "
-                             "original repo's metric (default: %(default)s)")
+                        help="Inception pool features (the standard FID), the penultimate layer of a "
+                             "digit classifier trained on the data (see --classifier), or raw pixels, "
+                             "the original repo's metric (default: %(default)s)")
+    parser.add_argument("--classifier", metavar="PATH",
+                        help="with --features classifier: a .keras classifier; default: the newest one "
+                             "that vae.py or conv_vae.py trained and cached")
     parser.add_argument("--inception-weights", default="imagenet", metavar="WEIGHTS",
                         help='"imagenet" (downloaded by Keras) or a path to a Keras weights file, '
                              "for machines without internet (default: %(default)s)")
@@ -381,6 +578,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="array to read from an .npz that holds several; a file with a single "
                              "array is read whatever its name (default: %(default)s)")
     return parser
+
+
+def command_line_classifier(path):
+    """--classifier PATH, else the newest cached classifier, else an error that says how to get one."""
+    if path is None:
+        path = newest_cached_classifier()
+        if path is None:
+            raise ValueError(f"no cached digit classifier in {default_cache_dir()}: run vae.py or conv_vae.py once "
+                             "with --data pointing at the training set (their default --fid trains and caches "
+                             "one), or pass --classifier PATH to a .keras classifier")
+        print(f"fid: using the newest cached classifier {path} (--classifier chooses another)", file=sys.stderr)
+    classifier = load_classifier(path)
+    if classifier.test_accuracy is not None:
+        print(f"fid: classifier test accuracy {classifier.test_accuracy:.2%}", file=sys.stderr)
+    return classifier
 
 
 def run_command(args) -> None:
@@ -397,11 +609,14 @@ def run_command(args) -> None:
                 raise ValueError(f"{path}: {error}") from error
     if args.save_stats and not Path(args.b).parent.is_dir():
         raise ValueError(f"cannot write {args.b}: its folder does not exist")
-    needs_inception = args.features == "inception" and not all(
-        isinstance(item, Statistics) for item in inputs)
-    inception = load_inception(args.inception_weights) if needs_inception else None
+    network = None
+    if not all(isinstance(item, Statistics) for item in inputs):
+        if args.features == "inception":
+            network = load_inception(args.inception_weights)
+        elif args.features == "classifier":
+            network = command_line_classifier(args.classifier)
     statistics = [item if isinstance(item, Statistics) else
-                  compute_statistics(item, args.features, inception, args.batch_size)
+                  compute_statistics(item, args.features, network, args.batch_size)
                   for item in inputs]
     if args.save_stats:
         save_statistics(args.b, statistics[0])

@@ -35,6 +35,7 @@ TEST_BINARIZATION_SEED = 0  # the binarized test set is the same for every run, 
 MANIFOLD_SIZE = 30
 MANIFOLD_LIMIT = 4.0
 EXIT_USAGE = 2
+LONG_STEP_SECONDS = 30  # an evaluation step expected to take longer first says so, and how to skip it
 
 
 class UsageError(Exception):
@@ -358,7 +359,15 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
         estimates[begin:end] = ops.convert_to_numpy(ops.logsumexp(all_weights, axis=1)) - math.log(num_samples)
         if verbose:
             elapsed = time.perf_counter() - start
-            remaining = elapsed / end * (len(x) - end)
+            if begin == 0:
+                first_batch = elapsed  # holds the compilation: left out of the rate
+                if end < len(x):
+                    continue
+            rate = (elapsed - first_batch) / (end - images_per_batch) if begin else elapsed / end
+            remaining = rate * (len(x) - end)
+            if begin == images_per_batch and elapsed + remaining > LONG_STEP_SECONDS:
+                print(f"importance-weighted log-likelihood (K={num_samples}) of {len(x)} images: about "
+                      f"{fid.format_duration(elapsed + remaining)} (--iw-samples 0 skips it)")
             print(f"\rimportance-weighted log-likelihood (K={num_samples}): {end}/{len(x)} images, "
                   f"{elapsed:.0f} s elapsed, ~{remaining:.0f} s left", end="", flush=True)
     if verbose:
@@ -396,6 +405,18 @@ def unit_interval(text):
     return value
 
 
+def fid_kinds(text):
+    """--fid: none, all, or a comma-separated subset of fid.FEATURE_KINDS, in their canonical order."""
+    if text in ("none", "all"):
+        return () if text == "none" else fid.FEATURE_KINDS
+    kinds = [kind.strip() for kind in text.split(",")]
+    unknown = [kind for kind in kinds if kind not in fid.FEATURE_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown FID {unknown[0]!r}: give none, all, or a comma-separated "
+                                         f"subset of {','.join(fid.FEATURE_KINDS)}")
+    return tuple(kind for kind in fid.FEATURE_KINDS if kind in kinds)
+
+
 def build_parser(description, epochs, batch_size, results_dir, iw_samples):
     parser = fid.OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train = parser.add_argument_group("model and training")
@@ -418,8 +439,10 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
     data.add_argument("--train-size", type=fid.positive_int, default=None, help="train on the first N images (quick runs)")
     data.add_argument("--test-size", type=fid.positive_int, default=None, help="evaluate on the first N test images")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--fid", choices=("none", "pixel", "inception", "all"), default="all",
-                            help="which FIDs to report (pixel: the original's metric; inception: the standard one)")
+    evaluation.add_argument("--fid", type=fid_kinds, default="pixel,classifier",
+                            help="FIDs to report: none, all, or a comma-separated subset of pixel (the original's "
+                                 "metric), classifier (features of a digit classifier trained on --data, once, "
+                                 "cached) and inception (the standard FID; about 10 min per 10,000 images on a CPU)")
     evaluation.add_argument("--fid-samples", type=fid.positive_int, default=10000,
                             help="prior samples compared with the test images")
     evaluation.add_argument("--inception-weights", default="imagenet",
@@ -438,23 +461,12 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs: every file is written to a temporary name and renamed, so none is ever half-written
+# Outputs: every file is written to a temporary name and renamed (fid.atomic_write), so none is
+# ever half-written
 # ----------------------------------------------------------------------------------------------
 
-def atomic_write(path, write):
-    """Call write(temporary_path), then rename onto path (atomic on one file system)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:  # a full disk or a Ctrl-C mid-write: leave no partial file behind
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_json(path, data):
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    fid.atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def write_history_csv(path, history, seconds_per_epoch):
@@ -464,15 +476,15 @@ def write_history_csv(path, history, seconds_per_epoch):
             writer.writerow(["epoch", *history, "seconds"])
             for epoch, row in enumerate(zip(*history.values(), seconds_per_epoch), start=1):
                 writer.writerow([epoch, *(f"{value:.6g}" for value in row)])
-    atomic_write(path, write)
+    fid.atomic_write(path, write)
 
 
 def save_figure(figure, path):
-    atomic_write(path, lambda p: figure.savefig(p, format="png"))
+    fid.atomic_write(path, lambda p: figure.savefig(p, format="png"))
 
 
 def save_model(model, path):
-    atomic_write(path, model.save)
+    fid.atomic_write(path, model.save)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +573,9 @@ def load_saved_model(path):
 # ----------------------------------------------------------------------------------------------
 
 def check_results_dir(args, parser, run_defining):
-    """Refuse to clobber a run, and prove the directory is writable, before anything is trained."""
+    """Refuse to clobber a run (its model or checkpoint: what cannot be recovered), and prove the
+    directory is writable, before anything is trained. Figures and metrics without a model, such as
+    the examples committed in results/, are replaced."""
     results_dir = Path(args.results_dir)
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -575,7 +589,7 @@ def check_results_dir(args, parser, run_defining):
             old.unlink(missing_ok=True)
         return results_dir, None
     state = read_checkpoint(results_dir)
-    finished = (results_dir / "metrics.json").is_file()
+    finished = (results_dir / "model.keras").is_file()
     if args.evaluate_only:
         model_path = Path(args.model) if args.model else results_dir / "model.keras"
         if not model_path.is_file():
@@ -597,12 +611,15 @@ def check_results_dir(args, parser, run_defining):
         what = "a finished run" if finished else f"an interrupted run ({state['epochs_done']} epochs)"
         raise UsageError(f"{results_dir} holds {what}: use --resume to continue it, "
                          "--evaluate-only to re-evaluate it, or --overwrite to replace it")
+    if (results_dir / "metrics.json").is_file():  # e.g. the example results committed with the repository
+        print(f"note: {results_dir} holds results without a model or checkpoint; this run replaces them "
+              "(git checkout restores the repository's examples)")
     return results_dir, None
 
 
 def prepare_inception(args):
     """Load Inception before training: a bad weights file is an input error; no download is a warning."""
-    if args.fid not in ("inception", "all"):
+    if "inception" not in args.fid:
         return None, None
     try:
         return fid.load_inception(args.inception_weights), None
@@ -687,7 +704,7 @@ def run_config(args):
             if key not in ("resume", "overwrite", "evaluate_only", "model")}
 
 
-def evaluate(model, args, title, results_dir, x_test, y_test, inception, inception_error):
+def evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, inception_error):
     """Figures, ELBO, importance-weighted log-likelihood and FIDs; deterministic for a given seed."""
     metrics = {}
     test_images = binarize_once(x_test, TEST_BINARIZATION_SEED) if args.binarize == "dynamic" else x_test
@@ -709,7 +726,7 @@ def evaluate(model, args, title, results_dir, x_test, y_test, inception, incepti
         print(f"note: latent dimension {z_mean.shape[1]}: the 2-D manifold figure is skipped")
 
     prior_rng = np.random.default_rng(args.seed + 1)
-    count = 100 if args.fid == "none" else args.fid_samples  # the figure shows the first 100 either way
+    count = args.fid_samples if args.fid else 100  # the figure shows the first 100 either way
     samples = decode(model, prior_rng.standard_normal((count, z_mean.shape[1])).astype(np.float32))
     save_figure(plot_utils.samples(samples[:100], title=title), results_dir / "samples.png")
 
@@ -719,26 +736,38 @@ def evaluate(model, args, title, results_dir, x_test, y_test, inception, incepti
                                                             posterior=posterior)
         metrics.update(test_log_likelihood_iw=float(np.mean(log_likelihood)), iw_samples=args.iw_samples,
                        iw_seconds=round(time.perf_counter() - start, 2))
-    metrics.update(fids(args, test_images, reconstructions, samples, inception, inception_error))
+    metrics.update(fids(args, test_images, reconstructions, samples, mnist, inception, inception_error))
     return metrics
 
 
-def fids(args, test_images, reconstructions, samples, inception, inception_error):
-    results = {}
-    if args.fid in ("pixel", "all"):
-        real = fid.compute_statistics(test_images, "pixel", verbose=False)
-        for name, images in (("recon", reconstructions), ("samples", samples)):
-            results[f"fid_pixel_{name}"] = fid.frechet_distance(real, fid.compute_statistics(images, "pixel", verbose=False))
-    if args.fid in ("inception", "all"):
+def fids(args, test_images, reconstructions, samples, mnist, inception, inception_error):
+    """Each FID of args.fid, of the reconstructions and of the prior samples against the test images.
+
+    The classifier is trained on the whole training split of the data (mnist: the four uint8
+    arrays), whatever --train-size, so every run on the same data shares one classifier.
+    """
+    results, networks = {}, {"pixel": None}
+    if "classifier" in args.fid:
+        networks["classifier"] = fid.load_or_train_classifier(
+            *mnist, cache_dir=fid.default_cache_dir(), skip_hint="; leave classifier out of --fid to skip it")
+        results["classifier_test_accuracy"] = networks["classifier"].test_accuracy
+    if "inception" in args.fid:
         if inception is None:
             results.update(fid_inception_recon=None, fid_inception_samples=None, fid_inception_error=inception_error)
         else:
-            real = fid.compute_statistics(test_images, "inception", inception, args.fid_batch_size,
-                                          cache_dir=fid.default_cache_dir())
-            for name, images in (("recon", reconstructions), ("samples", samples)):
+            networks["inception"] = inception
+    for kind, network in networks.items():
+        if kind not in args.fid:
+            continue
+        verbose, skip_hint = kind == "inception", "; leave inception out of --fid to skip it"
+        real = fid.compute_statistics(test_images, kind, network, args.fid_batch_size, verbose=verbose,
+                                      cache_dir=None if kind == "pixel" else fid.default_cache_dir(), skip_hint=skip_hint)
+        for name, images in (("recon", reconstructions), ("samples", samples)):
+            if verbose:
                 print(f"Inception FID, test images vs {name}:")
-                statistics = fid.compute_statistics(images, "inception", inception, args.fid_batch_size)
-                results[f"fid_inception_{name}"] = fid.frechet_distance(real, statistics)
+            statistics = fid.compute_statistics(images, kind, network, args.fid_batch_size, verbose=verbose,
+                                                skip_hint=skip_hint)
+            results[f"fid_{kind}_{name}"] = fid.frechet_distance(real, statistics)
     return results
 
 
@@ -753,7 +782,8 @@ def library_versions():
 def print_summary(title, metrics, results_dir):
     print(f"\n{title}: {metrics['epochs']} epochs, results in {results_dir}/")
     shown = ["final_train_loss", "final_test_loss", "test_elbo", "test_log_likelihood_iw",
-             "fid_pixel_recon", "fid_pixel_samples", "fid_inception_recon", "fid_inception_samples"]
+             "fid_pixel_recon", "fid_pixel_samples", "fid_classifier_recon", "fid_classifier_samples",
+             "classifier_test_accuracy", "fid_inception_recon", "fid_inception_samples"]
     for key in shown:
         if key in metrics:
             value = metrics[key]
@@ -767,7 +797,8 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
     if state and (args.resume or args.evaluate_only):
         for key in run_defining:
             setattr(args, key, state["config"][key])
-    x_train, y_train, x_test, y_test = load_mnist(args.data)
+    mnist = load_mnist(args.data)
+    x_train, _, x_test, y_test = mnist
     x_train = to_float_images(x_train[:args.train_size])
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
     inception, inception_error = prepare_inception(args)
@@ -803,7 +834,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
         for name in ("loss", "reconstruction_loss", "kl_loss"):
             metrics[f"final_train_{name}"] = history[name][-1]
             metrics[f"final_test_{name}"] = history[f"val_{name}"][-1]
-    metrics.update(evaluate(model, args, title, results_dir, x_test, y_test, inception, inception_error))
+    metrics.update(evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, inception_error))
     write_json(results_dir / "metrics.json", metrics)
     print_summary(title, metrics, results_dir)
 
