@@ -1,7 +1,9 @@
-"""Tests for fid.py: closed forms, the original pixel metric, Inception with random weights, CLI."""
+"""Tests for fid.py: closed forms, the original pixel metric, the digit classifier, Inception with
+random weights, CLI."""
 
 import subprocess
 import sys
+import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -10,8 +12,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.ndimage
 
 from conftest import ROOT as REPO_ROOT
+from conftest import tiny_digits
 
 import fid
 
@@ -245,6 +249,115 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert fid.default_cache_dir() == Path.home() / ".cache" / "mnist-vae-fid"
 
 
+# ---------------------------------------------------------------- digit classifier
+
+
+@pytest.fixture(scope="module")
+def mnist_classifier(real_mnist, tmp_path_factory):
+    """The classifier of the full MNIST training set, trained as a run trains it (about a minute)."""
+    with np.load(real_mnist) as mnist:
+        data = {key: mnist[key] for key in mnist.files}
+    classifier = fid.load_or_train_classifier(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                                              cache_dir=tmp_path_factory.mktemp("classifier"), verbose=False)
+    return classifier, data
+
+
+def test_classifier_reaches_99_percent_on_mnist(mnist_classifier):
+    classifier, data = mnist_classifier
+    assert classifier.test_accuracy >= 0.99
+    assert fid.classifier_accuracy(classifier, data["x_test"], data["y_test"]) == classifier.test_accuracy
+
+
+def principal_component_reconstructions(images, reference, components):
+    """Blurry, digit-like reconstructions from a few principal components: a stand-in for a VAE's."""
+    flat = reference.reshape(len(reference), -1) / 255.0
+    mean = flat.mean(axis=0)
+    basis = np.linalg.svd(flat - mean, full_matrices=False)[2][:components]
+    projected = (images.reshape(len(images), -1) / 255.0 - mean) @ basis.T @ basis + mean
+    return np.clip(projected, 0, 1).reshape(images.shape)
+
+
+def test_classifier_fid_ranks_real_digits_reconstructions_and_noise(mnist_classifier):
+    classifier, data = mnist_classifier
+    test_a, test_b = data["x_test"][:5000], data["x_test"][5000:]
+    reference = fid.classifier_statistics(test_a, classifier)
+
+    def distance(images):
+        return fid.frechet_distance(reference, fid.classifier_statistics(images, classifier))
+
+    held_out = distance(test_b)
+    reconstructions = distance(principal_component_reconstructions(test_b, data["x_train"][:10000], 10))
+    noise = distance(np.random.default_rng(0).random(test_b.shape))
+    assert 5 * held_out < reconstructions and 2 * reconstructions < noise, (held_out, reconstructions, noise)
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda images, level: np.clip(images + np.random.default_rng(1).normal(0, 0.1 * level, images.shape), 0, 1),
+    lambda images, level: scipy.ndimage.gaussian_filter(images, (0, 0.5 * level, 0.5 * level)),
+], ids=["noise", "blur"])
+def test_classifier_fid_grows_with_the_strength_of_a_corruption(mnist_classifier, corrupt):
+    classifier, data = mnist_classifier
+    reference = fid.classifier_statistics(data["x_test"][:5000], classifier)
+    clean = data["x_test"][5000:] / 255.0
+    distances = [fid.frechet_distance(reference, fid.classifier_statistics(corrupt(clean, level), classifier))
+                 for level in (1, 2, 4)]
+    assert distances[0] < distances[1] < distances[2], distances
+
+
+@pytest.fixture(scope="module")
+def tiny_labelled_digits():
+    rng = np.random.default_rng(0)
+    return (*tiny_digits(512, rng), *tiny_digits(128, rng))
+
+
+def test_two_fresh_caches_give_the_same_classifier_and_distance(tiny_labelled_digits, tmp_path, monkeypatch):
+    classifiers = [fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path / name, verbose=False)
+                   for name in ("first", "second")]
+    assert classifiers[0].weights_sha256 == classifiers[1].weights_sha256
+    x_test = tiny_labelled_digits[2]
+    distances = [fid.frechet_distance(fid.classifier_statistics(x_test[:64], classifier),
+                                      fid.classifier_statistics(x_test[64:], classifier)) for classifier in classifiers]
+    assert distances[0] == distances[1] > 0
+
+    monkeypatch.setattr(fid, "train_classifier", lambda *args, **kwargs: pytest.fail("trained again"))
+    cached = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path / "first", verbose=False)
+    assert cached.weights_sha256 == classifiers[0].weights_sha256
+    assert cached.test_accuracy == classifiers[0].test_accuracy > 0.5
+    assert sorted(path.suffix for path in (tmp_path / "first").iterdir()) == [".json", ".keras"]
+
+
+def test_classifier_key_follows_images_and_labels_and_is_the_same_in_every_process(tiny_labelled_digits):
+    images, labels = tiny_labelled_digits[:2]
+    key = fid.classifier_key(images, labels)
+    changed_label = labels.copy()
+    changed_label[0] = (labels[0] + 1) % 10
+    assert len({key, fid.classifier_key(images[:-1], labels[:-1]), fid.classifier_key(images, changed_label),
+                fid.classifier_key(images.astype(np.float32) / 255, labels)}) == 4
+    fid.build_classifier()  # layer names must not depend on how many models this process built
+    script = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import fid; "
+              "data = np.load(sys.argv[2]); print(fid.classifier_key(data['images'], data['labels']))")
+    with tempfile.TemporaryDirectory() as folder:
+        np.savez(Path(folder) / "data.npz", images=images, labels=labels)
+        other_process = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), str(Path(folder) / "data.npz")],
+                                       capture_output=True, text=True, timeout=120)
+    assert other_process.stdout.strip() == key, other_process.stderr
+
+
+def test_a_damaged_cached_classifier_is_trained_again(tiny_labelled_digits, tmp_path, capsys):
+    first = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path, verbose=False)
+    next(tmp_path.glob("*.keras")).write_bytes(b"not a zip")
+    again = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path)
+    assert again.weights_sha256 == first.weights_sha256
+    err = capsys.readouterr().err
+    assert "ignoring cache entry" in err and "classifier test accuracy" in err
+
+
+def test_classifier_statistics_reject_images_of_another_size(tiny_labelled_digits, tmp_path):
+    classifier = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="takes 28x28 images, got 8x8"):
+        fid.classifier_statistics(random_images(0), classifier)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -320,6 +433,32 @@ def test_cli_inception_with_a_weights_file(random_inception, random_weights_file
         expected = fid.inception_statistics(image_set, random_inception, verbose=False)
         np.testing.assert_allclose(statistics.mu, expected.mu, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(statistics.sigma, expected.sigma, atol=1e-5 * np.abs(expected.sigma).max())
+
+
+def test_cli_classifier_fid_uses_the_cached_classifier_or_a_file(tiny_labelled_digits, tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sets = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    np.savez(sets[0], tiny_labelled_digits[2][:64])
+    np.savez(sets[1], images=tiny_labelled_digits[2][64:])
+    code, out, err = run_main(["--features", "classifier", *sets], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "no cached digit classifier" in err and "--classifier PATH" in err
+
+    classifier = fid.load_or_train_classifier(*tiny_labelled_digits, verbose=False)
+    expected = fid.frechet_distance(fid.classifier_statistics(tiny_labelled_digits[2][:64], classifier),
+                                    fid.classifier_statistics(tiny_labelled_digits[2][64:], classifier))
+    code, out, err = run_main(["--features", "classifier", *sets], capsys)
+    assert (code, out) == (0, f"FID (classifier): {expected:.4f}\n")
+    assert "using the newest cached classifier" in err and f"test accuracy {classifier.test_accuracy:.2%}" in err
+
+    [saved] = (tmp_path / "cache").rglob("classifier-*.keras")
+    copy = tmp_path / "mine.keras"
+    copy.write_bytes(saved.read_bytes())
+    code, out, err = run_main(["--features", "classifier", "--classifier", copy, *sets], capsys)
+    assert (code, out) == (0, f"FID (classifier): {expected:.4f}\n") and "newest cached" not in err
+    code, out, err = run_main(["--features", "classifier", "--classifier", tmp_path / "absent.keras", *sets], capsys)
+    assert code == 2 and "no such classifier file" in err
 
 
 def bad_inputs(files):
