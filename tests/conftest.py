@@ -51,7 +51,7 @@ def real_mnist():
     return REAL_MNIST
 
 
-QUICK = ["--epochs", "2", "--batch-size", "32", "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "8"]
+QUICK = ["--epochs", "2", "--batch-size", "32", "--fid", "pixel,classifier", "--fid-samples", "64", "--iw-samples", "8"]
 
 
 def run_script(script, *args, timeout=300, **kwargs):

@@ -249,6 +249,18 @@ def test_estimate_is_stable_for_extreme_log_weights():
     np.testing.assert_allclose(estimate, exact, rtol=1e-3)
 
 
+def test_a_long_estimate_first_says_how_long_and_how_to_skip_it(monkeypatch, capsys):
+    model, x, _ = linear_gaussian_vae(variance_scale=2.0)
+    monkeypatch.setattr(vae, "LONG_STEP_SECONDS", 0)
+    vae.importance_weighted_log_likelihood(model, x, 4, seed=0, images_per_batch=len(x) // 3)
+    lines = capsys.readouterr().out.replace("\r", "\n").splitlines()
+    assert lines[0].startswith(f"importance-weighted log-likelihood (K=4) of {len(x)} images: about ")
+    assert lines[0].endswith("(--iw-samples 0 skips it)") and f"{len(x)}/{len(x)} images" in lines[-1]
+    monkeypatch.setattr(vae, "LONG_STEP_SECONDS", 3600)
+    vae.importance_weighted_log_likelihood(model, x, 4, seed=0, images_per_batch=len(x) // 3)
+    assert "skips it" not in capsys.readouterr().out
+
+
 def test_chunking_does_not_change_the_estimate():
     model, x, _ = linear_gaussian_vae(variance_scale=2.0)
     whole = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, verbose=False)
@@ -274,6 +286,7 @@ def test_chunking_does_not_change_the_estimate():
     (["--epochs", "ten"], "invalid positive_int value"),
     (["--model", "x.keras"], "--model goes with --evaluate-only"),
     (["--resume", "--overwrite"], "choose one of"),
+    (["--fid", "pixel,fancy"], "unknown FID 'fancy': give none, all, or a comma-separated subset of pixel,classifier,inception"),
 ])
 def test_invalid_arguments_exit_2_with_one_line(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -281,6 +294,14 @@ def test_invalid_arguments_exit_2_with_one_line(capsys, args, message):
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and message in stderr
+
+
+@pytest.mark.parametrize("text, kinds", [
+    ("pixel,classifier", ("pixel", "classifier")), ("inception, pixel", ("pixel", "inception")),
+    ("all", ("pixel", "classifier", "inception")), ("none", ()), ("classifier", ("classifier",)),
+])
+def test_fid_option_takes_a_comma_separated_subset(text, kinds):
+    assert vae.fid_kinds(text) == kinds
 
 
 def test_bad_paths_exit_2_before_training(capsys, tmp_path, tiny_mnist):
@@ -328,7 +349,7 @@ def check_finished_run(results_dir, epochs):
     metrics = json.loads((results_dir / "metrics.json").read_text())
     assert metrics["epochs"] == epochs and len(metrics["seconds_per_epoch"]) == epochs
     for key in ("final_train_loss", "final_test_loss", "final_test_kl_loss", "test_elbo", "fid_pixel_recon",
-                "fid_pixel_samples"):
+                "fid_pixel_samples", "fid_classifier_recon", "fid_classifier_samples", "classifier_test_accuracy"):
         assert math.isfinite(metrics[key]), key
     assert metrics["config"]["latent_dim"] >= 1 and metrics["versions"]["keras"] == keras.__version__
     assert not list(results_dir.glob(".*partial*")), "a temporary file was left behind"
@@ -368,9 +389,20 @@ def test_evaluate_only_reproduces_the_metrics(finished_run, tmp_path, tiny_mnist
     result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK, "--evaluate-only")
     assert result.returncode == 0, result.stderr
     after = json.loads((results_dir / "metrics.json").read_text())
-    for key in ("test_elbo", "test_log_likelihood_iw", "fid_pixel_recon", "fid_pixel_samples", "final_test_loss"):
+    for key in ("test_elbo", "test_log_likelihood_iw", "fid_pixel_recon", "fid_pixel_samples", "fid_classifier_recon",
+                "fid_classifier_samples", "classifier_test_accuracy", "final_test_loss"):
         assert after[key] == pytest.approx(before[key], rel=1e-5), key
     assert after["seconds_per_epoch"] == before["seconds_per_epoch"]
+
+
+def test_results_without_a_model_are_replaced(finished_run, tmp_path, tiny_mnist):
+    """Figures and metrics alone (the examples committed in results/) are not a run to protect."""
+    for name in ("metrics.json", "history.csv", "samples.png"):
+        (tmp_path / name).write_bytes((finished_run[0] / name).read_bytes())
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "holds results without a model or checkpoint; this run replaces them" in result.stdout
+    check_finished_run(tmp_path, epochs=1)
 
 
 def test_finished_run_is_not_overwritten(finished_run, tiny_mnist):
