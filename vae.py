@@ -706,6 +706,7 @@ def run_config(args):
 
 def evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, inception_error):
     """Figures, ELBO, importance-weighted log-likelihood and FIDs; deterministic for a given seed."""
+    start = time.perf_counter()
     metrics = {}
     test_images = binarize_once(x_test, TEST_BINARIZATION_SEED) if args.binarize == "dynamic" else x_test
     posterior = encode(model, test_images)
@@ -737,6 +738,7 @@ def evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, 
         metrics.update(test_log_likelihood_iw=float(np.mean(log_likelihood)), iw_samples=args.iw_samples,
                        iw_seconds=round(time.perf_counter() - start, 2))
     metrics.update(fids(args, test_images, reconstructions, samples, mnist, inception, inception_error))
+    metrics["evaluation_seconds"] = round(time.perf_counter() - start, 2)
     return metrics
 
 
@@ -746,11 +748,13 @@ def fids(args, test_images, reconstructions, samples, mnist, inception, inceptio
     The classifier is trained on the whole training split of the data (mnist: the four uint8
     arrays), whatever --train-size, so every run on the same data shares one classifier.
     """
-    results, networks = {}, {"pixel": None}
+    results, networks, seconds = {}, {"pixel": None}, {}
+    start = time.perf_counter()
     if "classifier" in args.fid:
         networks["classifier"] = fid.load_or_train_classifier(
             *mnist, cache_dir=fid.default_cache_dir(), skip_hint="; leave classifier out of --fid to skip it")
         results["classifier_test_accuracy"] = networks["classifier"].test_accuracy
+        seconds["classifier_setup"] = time.perf_counter() - start
     if "inception" in args.fid:
         if inception is None:
             results.update(fid_inception_recon=None, fid_inception_samples=None, fid_inception_error=inception_error)
@@ -759,6 +763,7 @@ def fids(args, test_images, reconstructions, samples, mnist, inception, inceptio
     for kind, network in networks.items():
         if kind not in args.fid:
             continue
+        start = time.perf_counter()
         verbose, skip_hint = kind == "inception", "; leave inception out of --fid to skip it"
         real = fid.compute_statistics(test_images, kind, network, args.fid_batch_size, verbose=verbose,
                                       cache_dir=None if kind == "pixel" else fid.default_cache_dir(), skip_hint=skip_hint)
@@ -768,7 +773,8 @@ def fids(args, test_images, reconstructions, samples, mnist, inception, inceptio
             statistics = fid.compute_statistics(images, kind, network, args.fid_batch_size, verbose=verbose,
                                                 skip_hint=skip_hint)
             results[f"fid_{kind}_{name}"] = fid.frechet_distance(real, statistics)
-    return results
+        seconds[kind] = time.perf_counter() - start
+    return {**results, "fid_seconds": {step: round(value, 2) for step, value in seconds.items()}}
 
 
 def library_versions():
@@ -841,7 +847,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
 
 def main(argv=None, title="Dense VAE", build_encoder=dense_encoder, build_decoder=dense_decoder,
          epochs=30, batch_size=64, results_dir="results/vae", add_arguments=None, xla=True, batches_per_step=67,
-         iw_samples=5000):
+         iw_samples=1000):
     """Parse, validate, run; every input error becomes one line and exit code 2.
 
     xla and batches_per_step shape the fast path per architecture, as measured by
