@@ -72,4 +72,4 @@ def add_conv_arguments(group):
 if __name__ == "__main__":
     sys.exit(vae.main(title="Convolutional VAE", build_encoder=conv_encoder, build_decoder=conv_decoder,
                       epochs=100, batch_size=128, results_dir="results/conv_vae", add_arguments=add_conv_arguments,
-                      xla=False, batches_per_step=1, iw_samples=500))
+                      xla=False, batches_per_step=1, iw_samples=100))

@@ -400,8 +400,6 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     x = to_unit_float(train_images, np.float32)[..., None]
     rng = np.random.default_rng(recipe["seed"])
     for epoch in range(recipe["epochs"]):
-        # A plain dataset per epoch: NumPy arrays into fit, or one prefetched stream of all epochs,
-        # each took Keras seconds to tear down after the last step (measured: 4-6 s of 25).
         order = rng.permutation(len(x))
         batches = tf.data.Dataset.from_tensor_slices((x[order], train_labels[order])).batch(recipe["batch_size"])
         model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0, callbacks=callbacks)
