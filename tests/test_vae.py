@@ -441,12 +441,14 @@ def wait_for_epochs(results_dir, epochs, process, timeout=120):
 def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     args = [sys.executable, str(ROOT / "vae.py"), "--data", str(tiny_mnist), "--results-dir", str(tmp_path),
             "--epochs", "100", "--batch-size", "16", "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0"]
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`pytest ... &`) starts with SIGINT ignored, which its children inherit.
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epochs(tmp_path, 2, process)
     process.send_signal(sig)
     stdout, _ = process.communicate(timeout=120)
     if sig == signal.SIGINT:
-        assert process.returncode == 130
+        assert process.returncode == 130, stdout[-3000:]
         assert "--resume --epochs 100" in stdout
     else:
         assert process.returncode == -signal.SIGKILL
