@@ -748,11 +748,10 @@ def fids(args, test_images, reconstructions, samples, mnist, inception, inceptio
     The classifier is trained on the whole training split of the data (mnist: the four uint8
     arrays), whatever --train-size, so every run on the same data shares one classifier.
     """
-    results, networks, seconds = {}, {"pixel": None}, {}
+    results, networks, seconds = {}, {"pixel": None} if "pixel" in args.fid else {}, {}
     start = time.perf_counter()
     if "classifier" in args.fid:
-        networks["classifier"] = fid.load_or_train_classifier(
-            *mnist, cache_dir=fid.default_cache_dir(), skip_hint="; leave classifier out of --fid to skip it")
+        networks["classifier"] = fid.load_or_train_classifier(*mnist, skip_hint="; leave classifier out of --fid to skip it")
         results["classifier_test_accuracy"] = networks["classifier"].test_accuracy
         seconds["classifier_setup"] = time.perf_counter() - start
     if "inception" in args.fid:
@@ -761,8 +760,6 @@ def fids(args, test_images, reconstructions, samples, mnist, inception, inceptio
         else:
             networks["inception"] = inception
     for kind, network in networks.items():
-        if kind not in args.fid:
-            continue
         start = time.perf_counter()
         verbose, skip_hint = kind == "inception", "; leave inception out of --fid to skip it"
         real = fid.compute_statistics(test_images, kind, network, args.fid_batch_size, verbose=verbose,
