@@ -31,7 +31,7 @@ class ByteDropout(layers.Dropout):
         words = tf.random.stateless_uniform([(size + 3) // 4], seed=tf.cast(self.seed_generator.next(), tf.int32),
                                             dtype=tf.uint32, minval=None, maxval=None)
         random_bytes = tf.reshape(tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:size], tf.shape(inputs))
-        return tf.where(random_bytes >= int(threshold), inputs / (1.0 - self.rate), tf.zeros_like(inputs))
+        return inputs / (1.0 - self.rate) * tf.cast(random_bytes >= int(threshold), inputs.dtype)
 
 
 def dropout(args):
@@ -46,9 +46,7 @@ def conv_encoder(args):
     h = layers.Conv2D(2 * args.filters, 3, strides=2, padding="same", activation="relu")(h)
     h = dropout(args)(h)
     h = layers.Dense(32, activation="relu")(layers.Flatten()(h))
-    z_mean = layers.Dense(args.latent_dim, name="z_mean")(h)
-    z_log_var = layers.Dense(args.latent_dim, name="z_log_var")(h)
-    return keras.Model(x, [z_mean, z_log_var], name="encoder")
+    return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
 
 
 def conv_decoder(args):
@@ -59,8 +57,8 @@ def conv_decoder(args):
     h = layers.Conv2DTranspose(2 * args.filters, 3, strides=2, padding="same", activation="relu")(h)
     h = layers.Conv2DTranspose(args.filters, 3, strides=2, padding="same", activation="relu")(h)
     h = dropout(args)(h)
-    x_hat = layers.Conv2DTranspose(1, 3, padding="same", activation="sigmoid")(h)
-    return keras.Model(z, x_hat, name="decoder")
+    logits = layers.Conv2DTranspose(1, 3, padding="same")(h)
+    return keras.Model(z, vae.pixel_means(logits), name="decoder")
 
 
 def add_conv_arguments(group):

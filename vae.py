@@ -198,7 +198,7 @@ class VAE(keras.Model):
         self.likelihood = likelihood
         self.binarize = binarize
         self.seed = seed
-        self.sampling = Sampling(seed=seed)
+        self.sampling = Sampling(seed=seed, dtype="float32")  # see float32_head
         self.binarize_seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
@@ -246,7 +246,8 @@ class VAE(keras.Model):
             x = ops.cast(noise < x, x.dtype)
         with tf.GradientTape() as tape:
             total, reconstruction, kl = self.loss_terms(x, training=True)
-        gradients = tape.gradient(total, self.trainable_weights)
+            scaled = self.optimizer.scale_loss(total)  # mixed_float16: Keras' loss scaling; otherwise total
+        gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply(gradients, self.trainable_weights)
         self.track(total, reconstruction, kl)
 
@@ -272,21 +273,34 @@ class VAE(keras.Model):
         return cls(**config)
 
 
+def posterior_head(h, latent_dim):
+    """(mean, log-variance) of q(z|x), in float32 under any dtype policy: in bfloat16 (8 bits of
+    mantissa) a mean near 3 moves in steps of 0.016, as large as the posterior's spread, and the
+    sampled noise would be lost. The two tiny layers cost nothing in float32."""
+    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(h)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(h)
+    return z_mean, z_log_var
+
+
+def pixel_means(logits):
+    """The decoder's sigmoid in float32 under any dtype policy, so the loss sees float32 pixels:
+    in bfloat16, 0.998 rounds to 1 and binary cross-entropy to its clip."""
+    return layers.Activation("sigmoid", name="pixel_means", dtype="float32")(logits)
+
+
 def dense_encoder(args):
     """784 -> Dense(hidden, relu) -> (mean, log-variance), as in the original."""
     x = keras.Input(IMAGE_SHAPE)
     h = layers.Dense(args.hidden_dim, activation="relu")(layers.Flatten()(x))
-    z_mean = layers.Dense(args.latent_dim, name="z_mean")(h)
-    z_log_var = layers.Dense(args.latent_dim, name="z_log_var")(h)
-    return keras.Model(x, [z_mean, z_log_var], name="encoder")
+    return keras.Model(x, posterior_head(h, args.latent_dim), name="encoder")
 
 
 def dense_decoder(args):
     """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original."""
     z = keras.Input((args.latent_dim,))
     h = layers.Dense(args.hidden_dim, activation="relu")(z)
-    x_hat = layers.Dense(math.prod(IMAGE_SHAPE), activation="sigmoid")(h)
-    return keras.Model(z, layers.Reshape(IMAGE_SHAPE)(x_hat), name="decoder")
+    logits = layers.Reshape(IMAGE_SHAPE)(layers.Dense(math.prod(IMAGE_SHAPE))(h))
+    return keras.Model(z, pixel_means(logits), name="decoder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +395,10 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
 
 # What defines a run: a resumed run must agree on these (the rest may change between calls).
 RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
-                "train_size", "test_size")
+                "train_size", "test_size", "dtype_policy")
+
+
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def non_negative_int(text):
@@ -429,6 +446,9 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
                        help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli is binary cross-entropy")
     train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
                        help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use (test set: once, fixed)")
+    train.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
+                       help="Keras dtype policy: mixed_* computes layers in 16 bits (variables, loss, ELBO, "
+                            "likelihood estimate and FID statistics stay float32); see the README for speed")
     train.add_argument("--plain", action="store_true",
                        help="plain Keras path (arrays into fit, one batch per step, no XLA, Keras' own dropout): "
                             "same math, slower; the speed baseline")
@@ -795,6 +815,18 @@ def print_summary(title, metrics, results_dir):
         print(f"  {'median seconds per epoch':26s} {np.median(metrics['seconds_per_epoch']):.2f}")
 
 
+def build_model(args, build_encoder, build_decoder):
+    """A new VAE whose layers compute in args.dtype_policy. The policy is Keras' global setting while
+    the layers are made (each keeps its own, and model.keras saves it), then back to float32 so
+    that nothing built later, such as the FID classifier, inherits it."""
+    keras.config.set_dtype_policy(args.dtype_policy)
+    try:
+        return VAE(build_encoder(args), build_decoder(args), likelihood=args.likelihood, binarize=args.binarize,
+                   seed=args.seed)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
 def run(args, parser, build_encoder, build_decoder, title, run_defining):
     results_dir, state = check_results_dir(args, parser, run_defining)
     if state and (args.resume or args.evaluate_only):
@@ -808,7 +840,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
 
     if args.evaluate_only:
         model = load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
-        args.likelihood, args.binarize = model.likelihood, model.binarize
+        args.likelihood, args.binarize, args.dtype_policy = model.likelihood, model.binarize, model.dtype_policy.name
         history = state["history"] if state else None
         seconds_per_epoch = state["seconds_per_epoch"] if state else []
     else:
@@ -819,8 +851,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
                 variable.assign(value)
             print(f"resuming from epoch {state['epochs_done']} of {args.epochs}")
         else:
-            model = VAE(build_encoder(args), build_decoder(args), likelihood=args.likelihood,
-                        binarize=args.binarize, seed=args.seed)
+            model = build_model(args, build_encoder, build_decoder)
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args)
         tracker = train(model, args, results_dir, x_train, x_test, state)
