@@ -336,16 +336,30 @@ def standard_normal_log_density(x):
     return -0.5 * (math.log(2 * math.pi) + ops.square(x))
 
 
+IW_DECODER_MEMORY = 512 * 2**20  # bytes of decoder activations per call of the likelihood estimate
+
+
+def decoded_image_bytes(decoder):
+    """float32 bytes of every layer output of the decoder, and the repeated input, for one image:
+    an upper bound on what one decoded sample holds in memory."""
+    return 4 * sum(math.prod(layer.output.shape[1:]) for layer in decoder.layers[1:]) + 4 * math.prod(IMAGE_SHAPE)
+
+
 def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_batch=100,
-                                       samples_per_chunk=None, xla=True, verbose=True, posterior=None):
+                                       samples_per_chunk=None, xla=True, verbose=True, posterior=None,
+                                       decoder_memory=IW_DECODER_MEMORY):
     """log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), per image.
 
     Images go through in batches and their K samples in chunks, so memory stays bounded; the
     log-weights of one batch are combined with log-sum-exp, which is stable for any magnitude.
+    A chunk whose decoded samples would hold more than decoder_memory bytes is decoded a few images
+    at a time (the convolutional decoder's activations are 30x the dense one's); the noise is drawn
+    per chunk either way, so the estimate does not depend on the memory limit.
     """
     num_pixels = math.prod(x.shape[1:])
     constant = log_likelihood_constant(num_pixels, model.likelihood)
     samples_per_chunk = samples_per_chunk or max(1, min(num_samples, 20000 // images_per_batch))
+    decodes_per_call = max(1, decoder_memory // decoded_image_bytes(model.decoder))
 
     @tf.function(jit_compile=xla)
     def log_weights(x_batch, z_mean, z_log_var, epsilon):
@@ -368,7 +382,11 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
         for done in range(0, num_samples, samples_per_chunk):
             size = min(samples_per_chunk, num_samples - done)
             epsilon = rng.standard_normal((end - begin, size, z_mean.shape[1])).astype(np.float32)
-            chunks.append(log_weights(x[begin:end], z_mean[begin:end], z_log_var[begin:end], epsilon))
+            step = max(1, decodes_per_call // size)
+            pieces = [slice(i, min(i + step, end)) for i in range(begin, end, step)]
+            chunks.append(ops.concatenate([
+                log_weights(x[part], z_mean[part], z_log_var[part], epsilon[part.start - begin:part.stop - begin])
+                for part in pieces], axis=0))
         all_weights = ops.concatenate(chunks, axis=1)
         estimates[begin:end] = ops.convert_to_numpy(ops.logsumexp(all_weights, axis=1)) - math.log(num_samples)
         if verbose:
@@ -830,8 +848,8 @@ def build_model(args, build_encoder, build_decoder):
 def run(args, parser, build_encoder, build_decoder, title, run_defining):
     results_dir, state = check_results_dir(args, parser, run_defining)
     if state and (args.resume or args.evaluate_only):
-        for key in run_defining:
-            setattr(args, key, state["config"][key])
+        for key in run_defining:  # an option added since the checkpoint was written has its default there
+            setattr(args, key, state["config"].get(key, parser.get_default(key)))
     mnist = load_mnist(args.data)
     x_train, _, x_test, y_test = mnist
     x_train = to_float_images(x_train[:args.train_size])

@@ -63,8 +63,25 @@ def test_architecture_matches_the_original(plain, dropout):
         "Conv2D", "Conv2D", dropout, "Flatten", "Dense", "Dense", "Dense"]
     assert encoder.layers[2].output.shape == (None, 7, 7, 64) and encoder.layers[5].units == 32
     assert [layer.__class__.__name__ for layer in decoder.layers[1:]] == [
-        "Dense", "Reshape", "Conv2DTranspose", "Conv2DTranspose", dropout, "Conv2DTranspose"]
-    assert decoder.output.shape == (None, 28, 28, 1)
+        "Dense", "Reshape", "Conv2DTranspose", "Conv2DTranspose", dropout, "Conv2DTranspose", "Activation"]
+    assert decoder.output.shape == (None, 28, 28, 1) and decoder.layers[-1].get_config()["activation"] == "sigmoid"
+
+
+def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
+    args = argparse.Namespace(latent_dim=2, filters=8, dropout=0.25, plain=False, dtype_policy="mixed_bfloat16",
+                              likelihood="gaussian", binarize="none", seed=0)
+    model = vae.build_model(args, conv_vae.conv_encoder, conv_vae.conv_decoder)
+    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
+    model(x)
+    convolutions = [layer for part in (model.encoder, model.decoder) for layer in part.layers
+                    if "Conv" in layer.__class__.__name__ or "Dropout" in layer.__class__.__name__]
+    assert len(convolutions) == 7 and all(layer.compute_dtype == "bfloat16" for layer in convolutions)
+    z_mean, z_log_var = model.encoder(x, training=True)
+    pixels = model.decoder(z_mean, training=True)
+    assert [keras.backend.standardize_dtype(t.dtype) for t in (z_mean, z_log_var, pixels)] == ["float32"] * 3
+    kept = keras.ops.convert_to_numpy(conv_vae.ByteDropout(0.25, seed=0, dtype="mixed_bfloat16")(
+        np.ones((8, 28, 28, 32), np.float32), training=True))
+    assert set(np.unique(kept.astype(np.float32))) == {0.0, np.float32(keras.ops.cast(1 / 0.75, "bfloat16"))}
 
 
 def kept_fraction_tolerance(keep, size):

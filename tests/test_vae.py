@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import QUICK, ROOT, error_lines, run_script, write_tiny_mnist
+from conftest import QUICK, ROOT, error_lines, run_script, tiny_digits, write_tiny_mnist
 from scipy.stats import multivariate_normal
 
 import fid
@@ -268,8 +268,80 @@ def test_chunking_does_not_change_the_estimate():
                                                      samples_per_chunk=64, verbose=False)
     pieces = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, images_per_batch=20,
                                                     samples_per_chunk=64, xla=False, verbose=False)
+    bounded = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, images_per_batch=20, samples_per_chunk=64,
+                                                     verbose=False, decoder_memory=7 * 64 * vae.decoded_image_bytes(model.decoder))
     np.testing.assert_allclose(whole, chunked, rtol=1e-5)
     np.testing.assert_allclose(chunked, pieces, rtol=1e-5)
+    np.testing.assert_allclose(chunked, bounded, rtol=1e-5)  # 7 images per call: 20 = 7 + 7 + 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_model(policy, likelihood="gaussian"):
+    args = argparse.Namespace(latent_dim=2, hidden_dim=64, likelihood=likelihood, binarize="none", seed=0,
+                              dtype_policy=policy)
+    model = vae.build_model(args, vae.dense_encoder, vae.dense_decoder)
+    model(np.zeros((1, 28, 28, 1), np.float32))
+    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, xla=False, plain=False))
+    return model
+
+
+@pytest.mark.parametrize("policy", vae.DTYPE_POLICIES)
+def test_every_dtype_policy_keeps_variables_and_loss_in_float32(policy):
+    model = dense_model(policy, likelihood="bernoulli")
+    assert keras.config.dtype_policy().name == "float32"  # nothing built later (the FID classifier) inherits it
+    hidden = model.decoder.layers[1]
+    assert hidden.compute_dtype == ("float32" if policy == "float32" else policy.removeprefix("mixed_"))
+    assert {keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables} == {"float32"}
+    x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)
+    z_mean, z_log_var = model.encoder(x)
+    outputs = (z_mean, z_log_var, model.decoder(z_mean), *model.loss_terms(x, training=True))
+    assert {keras.backend.standardize_dtype(t.dtype) for t in outputs} == {"float32"}
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+    before = [w.copy() for w in model.get_weights()]
+    logs = model.train_on_batch(x, return_dict=True)
+    assert math.isfinite(logs["loss"]) and not np.array_equal(before[0], model.get_weights()[0])
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_16_bit_policies_compute_the_float32_loss_to_within_a_percent(policy):
+    reference, model = dense_model("float32"), dense_model(policy)
+    model.set_weights(reference.get_weights())
+    x = vae.to_float_images(tiny_digits(64, np.random.default_rng(1))[0])
+    for exact, low in zip(reference.loss_terms(x, training=False), model.loss_terms(x, training=False)):
+        assert float(low) == pytest.approx(float(exact), rel=0.01)
+
+
+def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mnist):
+    common = ["--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4"]
+    results_dir = tmp_path / "resumed"
+    first = run_script("vae.py", *common, "--results-dir", results_dir, "--epochs", "1", "--dtype-policy", "mixed_bfloat16")
+    assert first.returncode == 0, first.stderr
+    assert json.loads((results_dir / "checkpoint.json").read_text())["config"]["dtype_policy"] == "mixed_bfloat16"
+    refused = run_script("vae.py", *common, "--results-dir", results_dir, "--epochs", "2", "--resume",
+                         "--dtype-policy", "mixed_float16")
+    assert refused.returncode == 2 and "--dtype_policy" not in refused.stderr
+    assert "--dtype-policy mixed_float16 differs from the checkpointed run's mixed_bfloat16" in error_lines(refused.stderr)[0]
+    resumed = run_script("vae.py", *common, "--results-dir", results_dir, "--epochs", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = check_finished_run(results_dir, epochs=2)
+    assert metrics["config"]["dtype_policy"] == "mixed_bfloat16"
+    model = vae.load_saved_model(results_dir / "model.keras")
+    assert model.dtype_policy.name == "mixed_bfloat16" and model.decoder.layers[1].compute_dtype == "bfloat16"
+    unbroken = run_script("vae.py", *common, "--results-dir", tmp_path / "unbroken", "--epochs", "2",
+                          "--dtype-policy", "mixed_bfloat16")
+    assert unbroken.returncode == 0, unbroken.stderr
+    assert (json.loads((results_dir / "checkpoint.json").read_text())["history"]
+            == json.loads((tmp_path / "unbroken" / "checkpoint.json").read_text())["history"])
+    evaluated = run_script("vae.py", "--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4",
+                           "--results-dir", tmp_path / "other", "--evaluate-only", "--model", results_dir / "model.keras")
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert again["config"]["dtype_policy"] == "mixed_bfloat16"
+    assert again["test_elbo"] == pytest.approx(metrics["test_elbo"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
