@@ -58,7 +58,8 @@ def conv_decoder(args):
     h = layers.Conv2DTranspose(args.filters, 3, strides=2, padding="same", activation="relu")(h)
     h = dropout(args)(h)
     logits = layers.Conv2DTranspose(1, 3, padding="same")(h)
-    return keras.Model(z, vae.pixel_means(logits), name="decoder")
+    x_hat = layers.Activation("sigmoid", dtype="float32")(logits)  # see vae.posterior_head
+    return keras.Model(z, x_hat, name="decoder")
 
 
 def add_conv_arguments(group):

@@ -198,7 +198,7 @@ class VAE(keras.Model):
         self.likelihood = likelihood
         self.binarize = binarize
         self.seed = seed
-        self.sampling = Sampling(seed=seed, dtype="float32")  # see float32_head
+        self.sampling = Sampling(seed=seed, dtype="float32")  # see posterior_head
         self.binarize_seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
@@ -274,18 +274,14 @@ class VAE(keras.Model):
 
 
 def posterior_head(h, latent_dim):
-    """(mean, log-variance) of q(z|x), in float32 under any dtype policy: in bfloat16 (8 bits of
-    mantissa) a mean near 3 moves in steps of 0.016, as large as the posterior's spread, and the
-    sampled noise would be lost. The two tiny layers cost nothing in float32."""
+    """(mean, log-variance) of q(z|x). These two layers, the sampling and the decoder's last layer
+    (its sigmoid pixels) compute in float32 under any --dtype-policy: in bfloat16 (8 bits of
+    mantissa) a mean near 3 moves in steps of 0.016, as large as the posterior's spread, and a
+    pixel of 0.998 rounds to 1 (binary cross-entropy to its clip). They cost little in float32
+    (the convolutional decoder keeps only its sigmoid there, after a 1-channel bfloat16 convolution)."""
     z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(h)
     z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(h)
     return z_mean, z_log_var
-
-
-def pixel_means(logits):
-    """The decoder's sigmoid in float32 under any dtype policy, so the loss sees float32 pixels:
-    in bfloat16, 0.998 rounds to 1 and binary cross-entropy to its clip."""
-    return layers.Activation("sigmoid", name="pixel_means", dtype="float32")(logits)
 
 
 def dense_encoder(args):
@@ -299,8 +295,8 @@ def dense_decoder(args):
     """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original."""
     z = keras.Input((args.latent_dim,))
     h = layers.Dense(args.hidden_dim, activation="relu")(z)
-    logits = layers.Reshape(IMAGE_SHAPE)(layers.Dense(math.prod(IMAGE_SHAPE))(h))
-    return keras.Model(z, pixel_means(logits), name="decoder")
+    x_hat = layers.Dense(math.prod(IMAGE_SHAPE), activation="sigmoid", dtype="float32")(h)  # see posterior_head
+    return keras.Model(z, layers.Reshape(IMAGE_SHAPE, dtype="float32")(x_hat), name="decoder")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
-"""Training speed benchmark (issue: train near this machine's limit without changing what is learned).
+"""Training speed benchmark: fast path in float32 and in mixed_bfloat16, against the plain path.
 
-    .venv/bin/python tests/bench_training.py [--data ../shared/data/mnist.npz] [--epochs 3] [--skip-end-to-end]
+    .venv/bin/python tests/bench_training.py [--data ../shared/data/mnist.npz] [--epochs 3]
+        [--policies float32,mixed_bfloat16] [--skip-end-to-end]
 
 Not collected by pytest (its name does not start with test_). For each model it trains a few full
-epochs with the fast path (the default) and with the plain path (`--plain`: arrays into fit, one
-step per call, no XLA, Keras' own dropout), each in its own process, and prints the median seconds per epoch after
-the first (the first holds tracing and compilation, printed apart), the ratio, the arithmetic rate
-and the peak resident memory, and the floor: the train step alone, looped over in-memory batches
-inside one compiled program; then a per-layer profile of one training step, against this machine's
-matmul ceiling; then it times `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
-Run it with nothing else on the machine: both paths share its two cores.
+epochs with the fast path (the default) under each dtype policy and with the plain path (`--plain`:
+arrays into fit, one step per call, no XLA, Keras' own dropout, float32), each in its own process,
+and prints the median seconds per epoch after the first (the first holds tracing and compilation,
+printed apart), the ratios, the arithmetic rate and the peak resident memory, and the floor: the
+train step alone, looped over in-memory batches inside one compiled program; then a per-layer
+profile of one training step in each policy, against this machine's matmul ceiling; then it times
+`python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
+Run it with nothing else on the machine: the runs share its cores.
 """
 
 import argparse
@@ -65,9 +67,9 @@ def timed_run(script, data, epochs, extra):
     return metrics["seconds_per_epoch"], metrics["peak_memory_mb"], metrics["final_test_loss"]
 
 
-def matmul_peak_gflops(size=2048, repeats=20):
-    """This machine's float32 arithmetic ceiling, as a large matrix product reaches it."""
-    a = tf.random.normal((size, size))
+def matmul_peak_gflops(dtype, size=2048, repeats=20):
+    """This machine's arithmetic ceiling in dtype, as a large matrix product reaches it."""
+    a = tf.cast(tf.random.normal((size, size)), dtype)
     product = tf.function(lambda a: tf.matmul(a, a))
     product(a).numpy()
     start = time.perf_counter()
@@ -85,8 +87,9 @@ def milliseconds_per_call(function, x, repeats):
 
 
 def profile_layers(name, encoder, decoder, batch_size, xla, repeats=20):
-    """Where a training step's time goes: each layer's forward and forward+backward on one batch,
-    compiled as the fast path compiles (XLA or not), less the cost of calling a compiled function."""
+    """Where a training step's time goes: each layer's forward and forward+backward on one batch
+    (its input in the dtype the layer before hands it), compiled as the fast path compiles (XLA or
+    not), less the cost of calling a compiled function."""
     overhead = milliseconds_per_call(tf.function(lambda x: x + 1.0, jit_compile=xla), tf.zeros((batch_size, 1)), repeats)
     print(f"\n{name}: profile of one training step, batch {batch_size}, {'XLA' if xla else 'TF graph'} "
           f"(ms per step, less {overhead:.2f} ms per call)")
@@ -94,14 +97,14 @@ def profile_layers(name, encoder, decoder, batch_size, xla, repeats=20):
     rows = []
     for model in (encoder, decoder):
         for layer in model.layers[1:]:
-            x = tf.random.uniform((batch_size, *layer.input.shape[1:]))
+            x = tf.cast(tf.random.uniform((batch_size, *layer.input.shape[1:])), layer.input.dtype)
             forward = tf.function(lambda x, layer=layer: layer(x, training=True), jit_compile=xla)
 
             @tf.function(jit_compile=xla)
             def forward_backward(x, layer=layer):
                 with tf.GradientTape() as tape:
                     tape.watch(x)
-                    y = tf.reduce_sum(layer(x, training=True))
+                    y = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float32))
                 return tape.gradient(y, [x, *layer.trainable_weights])
 
             times = [max(milliseconds_per_call(function, x, repeats) - overhead, 0.0)
@@ -137,45 +140,67 @@ def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
     return (time.perf_counter() - start) / steps * math.ceil(TRAIN_IMAGES / batch_size)
 
 
-def benchmark_model(name, script, encoder, decoder, batch_size, data, epochs, xla, floor_steps):
-    gflop = epoch_gflop(encoder, decoder)
-    print(f"\n{name} (batch {batch_size}): {gflop:.0f} GFLOP per epoch (60,000 training steps' worth of images, 3 passes; test set, 1 pass)")
+def benchmark_model(name, script, build_encoder, build_decoder, batch_size, data, epochs, xla, floor_steps, policies):
+    """Timed runs of each policy's fast path and of the plain path; returns seconds per epoch by path."""
+    architecture = argparse.Namespace(latent_dim=2, hidden_dim=256, filters=32, dropout=0.25, plain=False)
+    gflop = epoch_gflop(build_encoder(architecture), build_decoder(architecture))
+    print(f"\n{name} (batch {batch_size}): {gflop:.0f} GFLOP per epoch (60,000 training steps' worth of images, "
+          "3 passes; test set, 1 pass)")
     results = {}
-    for path, extra in (("fast", []), ("plain", ["--plain"])):
+    paths = [(policy, ["--dtype-policy", policy]) for policy in policies] + [("plain", ["--plain"])]
+    for path, extra in paths:
         seconds, peak_mb, val_loss = timed_run(script, data, epochs, extra)
         steady = float(np.median(seconds[1:]))
         results[path] = steady
-        print(f"  {path:5s}: {steady:6.2f} s/epoch (first epoch {seconds[0]:.2f} s, so ~{seconds[0] - steady:.1f} s "
+        print(f"  {path:14s}: {steady:6.2f} s/epoch (first epoch {seconds[0]:.2f} s, so ~{seconds[0] - steady:.1f} s "
               f"of tracing/compilation), {gflop / steady:5.1f} GFLOP/s, peak memory {peak_mb:,.0f} MB, "
               f"test loss after {epochs} epochs {val_loss:.3f}")
-    ratio = results["plain"] / results["fast"]
-    print(f"  speed-up of the fast path: {ratio:.2f}x")
-    floor = training_steps_alone(encoder, decoder, batch_size, xla, data, floor_steps)
-    print(f"  floor: the train step alone, {floor_steps} in-memory batches in one compiled loop: {floor:.2f} s/epoch "
-          f"({gflop / floor:.1f} GFLOP/s); the fast path spends {results['fast'] - floor:.2f} s/epoch more "
-          f"(data, Keras' loop, the test pass)")
-    return results, ratio
+    for policy in policies:
+        print(f"  speed-up of the fast path in {policy} over the plain path: {results['plain'] / results[policy]:.2f}x")
+        keras.config.set_dtype_policy(policy)
+        encoder, decoder = build_encoder(architecture), build_decoder(architecture)
+        keras.config.set_dtype_policy("float32")
+        floor = training_steps_alone(encoder, decoder, batch_size, xla, data, floor_steps)
+        print(f"    floor in {policy}: the train step alone, {floor_steps} in-memory batches in one compiled loop: "
+              f"{floor:.2f} s/epoch ({gflop / floor:.1f} GFLOP/s); the fast path spends {results[policy] - floor:.2f} "
+              "s/epoch more (data, Keras' loop, the test pass)")
+    fastest = min(policies, key=results.get)
+    print(f"  fastest policy for the {name}: {fastest}")
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist.npz"))
     parser.add_argument("--epochs", type=int, default=3, help="epochs per timed run (the first is excluded)")
+    parser.add_argument("--policies", default="float32,mixed_bfloat16",
+                        help="dtype policies of the fast path to time (mixed_float16 pays on GPUs, not on CPUs)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
+    policies = args.policies.split(",")
+    print(f"matmul 2048x2048 on this machine: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in float32, "
+          f"{matmul_peak_gflops(tf.bfloat16):.0f} in bfloat16")
+    dense = benchmark_model("Dense VAE", "vae.py", vae.dense_encoder, vae.dense_decoder, 64, args.data, args.epochs,
+                            xla=True, floor_steps=937, policies=policies)
+    conv = benchmark_model("Convolutional VAE", "conv_vae.py", conv_vae.conv_encoder, conv_vae.conv_decoder, 128,
+                           args.data, args.epochs, xla=False, floor_steps=40, policies=policies)
     defaults = argparse.Namespace(latent_dim=2, hidden_dim=256, filters=32, dropout=0.25, plain=False)
-    print(f"float32 matmul 2048x2048 on this machine: {matmul_peak_gflops():.0f} GFLOP/s")
-
-    _, dense_ratio = benchmark_model("Dense VAE", "vae.py", vae.dense_encoder(defaults),
-                                     vae.dense_decoder(defaults), 64, args.data, args.epochs, xla=True, floor_steps=937)
-    conv, conv_ratio = benchmark_model("Convolutional VAE", "conv_vae.py", conv_vae.conv_encoder(defaults),
-                                       conv_vae.conv_decoder(defaults), 128, args.data, args.epochs, xla=False, floor_steps=40)
-    profile_layers("Dense VAE", vae.dense_encoder(defaults), vae.dense_decoder(defaults), 64, xla=True)
-    profile_layers("Convolutional VAE", conv_vae.conv_encoder(defaults), conv_vae.conv_decoder(defaults), 128, xla=False)
+    for policy in policies:
+        keras.config.set_dtype_policy(policy)
+        profile_layers(f"Dense VAE, {policy}", vae.dense_encoder(defaults), vae.dense_decoder(defaults), 64, xla=True)
+        profile_layers(f"Convolutional VAE, {policy}", conv_vae.conv_encoder(defaults), conv_vae.conv_decoder(defaults),
+                       128, xla=False)
+    keras.config.set_dtype_policy("float32")
+    dense_ratio = dense["plain"] / min(dense[policy] for policy in policies)
     print("\ntargets:")
     print(f"  dense fast path >= 3x plain: {dense_ratio:.2f}x -> {'met' if dense_ratio >= 3 else 'NOT met'}")
-    print(f"  conv fast path >= 2x plain: {conv_ratio:.2f}x ({conv['fast']:.1f} s/epoch) -> "
+    conv_ratio = conv["plain"] / conv["float32"]
+    print(f"  conv fast path (float32) >= 2x plain: {conv_ratio:.2f}x ({conv['float32']:.1f} s/epoch) -> "
           f"{'met' if conv_ratio >= 2 else 'NOT met'}")
+    if "mixed_bfloat16" in conv:
+        bf16_ratio = conv["plain"] / conv["mixed_bfloat16"]
+        print(f"  conv fast path (mixed_bfloat16) >= 2.5x plain: {bf16_ratio:.2f}x ({conv['mixed_bfloat16']:.1f} "
+              f"s/epoch) -> {'met' if bf16_ratio >= 2.5 else 'NOT met (see the profile above for what is left)'}")
     if not args.skip_end_to_end:
         with tempfile.TemporaryDirectory() as results_dir:
             start = time.perf_counter()
