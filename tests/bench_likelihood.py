@@ -1,0 +1,79 @@
+"""The importance-weighted log-likelihood estimate in float32 and in bfloat16: speed, peak memory
+and how far the estimate moves (not a test: run it by hand).
+
+    .venv/bin/python tests/bench_likelihood.py RESULTS_DIR [RESULTS_DIR ...] [--test-size 1000] [--k 100 500]
+
+Each RESULTS_DIR holds a trained run (model.keras and metrics.json, from vae.py or conv_vae.py).
+For each, and each K, the estimate runs twice with the same weights and the same noise, its
+decoder built in float32 and in mixed_bfloat16, each in its own process (so each peak resident
+memory is its own), and prints the mean log-likelihood, seconds, peak memory and the difference.
+Targets: bfloat16 within 0.05 nats of float32; peak memory under 3 GB.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def estimate(results_dir, policy, num_samples, test_size, data):
+    """One estimate in this process: mean log-likelihood, seconds, peak resident MB."""
+    import numpy as np
+
+    import conv_vae
+    import vae
+
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    config = argparse.Namespace(**{**metrics["config"], "dtype_policy": policy})
+    builders = ((conv_vae.conv_encoder, conv_vae.conv_decoder) if metrics["model"] == "Convolutional VAE"
+                else (vae.dense_encoder, vae.dense_decoder))
+    x_test = vae.to_float_images(vae.load_mnist(data)[2][:test_size])
+    model = vae.build_model(config, *builders)
+    model(x_test[:1])
+    model.set_weights(vae.load_saved_model(results_dir / "model.keras").get_weights())
+    start = time.perf_counter()
+    log_likelihood = vae.importance_weighted_log_likelihood(model, x_test, num_samples, seed=0, xla=config.xla,
+                                                            verbose=False)
+    return {"mean": float(np.mean(log_likelihood)), "seconds": time.perf_counter() - start,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_dirs", nargs="+", type=Path)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist.npz"))
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--k", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--case", nargs=2, metavar=("POLICY", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(estimate(args.results_dirs[0], args.case[0], int(args.case[1]), args.test_size, args.data)))
+        return
+    for results_dir in args.results_dirs:
+        model = json.loads((results_dir / "metrics.json").read_text())
+        print(f"\n{results_dir} ({model['model']}, trained in {model['config'].get('dtype_policy', 'float32')}), "
+              f"{args.test_size} test images:")
+        for num_samples in args.k:
+            results = {}
+            for policy in ("float32", "mixed_bfloat16"):
+                output = subprocess.run([sys.executable, __file__, str(results_dir), "--case", policy, str(num_samples),
+                                         "--test-size", str(args.test_size), "--data", args.data],
+                                        capture_output=True, text=True, check=True).stdout
+                results[policy] = json.loads(output.strip().splitlines()[-1])
+                print(f"  K={num_samples:<5d} {policy:15s} log-likelihood {results[policy]['mean']:.4f} nats, "
+                      f"{results[policy]['seconds']:.1f} s, peak memory {results[policy]['peak_mb']:,.0f} MB "
+                      f"(target < 3,000: {'met' if results[policy]['peak_mb'] < 3000 else 'NOT met'})")
+            difference = results["mixed_bfloat16"]["mean"] - results["float32"]["mean"]
+            print(f"  K={num_samples:<5d} bfloat16 - float32: {difference:+.4f} nats (target within 0.05: "
+                  f"{'met' if abs(difference) <= 0.05 else 'NOT met'}), speed-up "
+                  f"{results['float32']['seconds'] / results['mixed_bfloat16']['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
