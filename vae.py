@@ -461,8 +461,9 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
     train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
                        help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use (test set: once, fixed)")
     train.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
-                       help="Keras dtype policy: mixed_* computes layers in 16 bits (variables, loss, ELBO, "
-                            "likelihood estimate and FID statistics stay float32); see the README for speed")
+                       help="Keras dtype policy: mixed_* computes the VAE's layers in 16 bits, in training and in "
+                            "the likelihood estimate; its variables, the loss, the ELBO and the FID networks stay "
+                            "float32. mixed_bfloat16 pays for conv_vae.py on CPUs with AMX (see the README)")
     train.add_argument("--plain", action="store_true",
                        help="plain Keras path (arrays into fit, one batch per step, no XLA, Keras' own dropout): "
                             "same math, slower; the speed baseline")
@@ -651,18 +652,12 @@ def check_results_dir(args, parser, run_defining):
     return results_dir, None
 
 
-def inception_dtype_policy(run_policy):
-    """Inception computes in bfloat16 in a mixed_bfloat16 run (its FIDs move by MEASURED, see the
-    README), in float32 otherwise: float16 was not measured."""
-    return "mixed_bfloat16" if run_policy == "mixed_bfloat16" else "float32"
-
-
 def prepare_inception(args):
     """Load Inception before training: a bad weights file is an input error; no download is a warning."""
     if "inception" not in args.fid:
         return None, None
     try:
-        return fid.load_inception(args.inception_weights, dtype_policy=inception_dtype_policy(args.dtype_policy)), None
+        return fid.load_inception(args.inception_weights), None
     except fid.InceptionUnavailable as e:
         if args.inception_weights != "imagenet":
             raise UsageError(f"--inception-weights: {e}") from None
@@ -856,12 +851,11 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
     x_train, _, x_test, y_test = mnist
     x_train = to_float_images(x_train[:args.train_size])
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
-    if args.evaluate_only:  # the saved model says how it computes, before Inception is built to match
-        model = load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
-        args.likelihood, args.binarize, args.dtype_policy = model.likelihood, model.binarize, model.dtype_policy.name
     inception, inception_error = prepare_inception(args)
 
     if args.evaluate_only:
+        model = load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
+        args.likelihood, args.binarize, args.dtype_policy = model.likelihood, model.binarize, model.dtype_policy.name
         history = state["history"] if state else None
         seconds_per_epoch = state["seconds_per_epoch"] if state else []
     else:
