@@ -529,21 +529,27 @@ def save_model(model, path):
 CHECKPOINT_STATE = "checkpoint.json"
 
 
+LOSS_CURVES_EVERY_SECONDS = 30  # the figure costs about 0.4 s: every epoch of the conv model, not of the dense one
+
+
 class TrainingState(keras.callbacks.Callback):
     """Keeps the history across resumes, checkpoints every good epoch and stops on a NaN loss.
 
     The model of epoch N goes to checkpoint-epochN.keras first, then checkpoint.json (the commit
     point) names it, then the older model file is removed: a kill at any moment leaves a consistent
-    checkpoint behind.
+    checkpoint behind. history.csv follows every epoch and loss_curves.png every
+    LOSS_CURVES_EVERY_SECONDS, so a long run can be watched while it trains.
     """
 
-    def __init__(self, results_dir, config, history=None, seconds_per_epoch=None):
+    def __init__(self, results_dir, config, title, history=None, seconds_per_epoch=None):
         super().__init__()
         self.results_dir = results_dir
         self.config = config
+        self.title = title
         self.history = history or {}
         self.seconds_per_epoch = seconds_per_epoch or []
         self.diverged_epoch = None
+        self.loss_curves_drawn = -math.inf
 
     @property
     def epochs_done(self):
@@ -574,6 +580,10 @@ class TrainingState(keras.callbacks.Callback):
             "random_states": [variable.numpy().tolist() for variable in random_states(self.model)]})
         if previous and previous["model_file"] != model_file:
             (self.results_dir / previous["model_file"]).unlink(missing_ok=True)
+        write_history_csv(self.results_dir / "history.csv", self.history, self.seconds_per_epoch)
+        if time.perf_counter() - self.loss_curves_drawn >= LOSS_CURVES_EVERY_SECONDS:
+            save_figure(plot_utils.loss_curves(self.history, title=self.title), self.results_dir / "loss_curves.png")
+            self.loss_curves_drawn = time.perf_counter()
 
 
 def random_states(model):
@@ -638,8 +648,8 @@ def check_results_dir(args, parser, run_defining):
                 given = getattr(args, key)
                 if given != saved and given != parser.get_default(key):
                     raise UsageError(f"--{key.replace('_', '-')} {given} differs from the checkpointed run's {saved}")
-        if state["epochs_done"] >= args.epochs:
-            raise UsageError(f"{results_dir}: already trained {state['epochs_done']} epochs; "
+        if state["epochs_done"] >= args.epochs and (results_dir / "metrics.json").is_file():
+            raise UsageError(f"{results_dir}: already trained {state['epochs_done']} epochs and evaluated; "
                              "pass a larger --epochs, or use --evaluate-only")
         return results_dir, state
     if finished or state:
@@ -700,11 +710,13 @@ def compile_model(model, args):
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), jit_compile=args.xla and not args.plain)
 
 
-def train(model, args, results_dir, x_train, x_test, state):
+def train(model, args, title, results_dir, x_train, x_test, state):
     """model.fit from the checkpointed epoch; returns the TrainingState callback (history, timings)."""
-    tracker = TrainingState(results_dir, config=run_config(args),
-                            history=state and state["history"], seconds_per_epoch=state and state["seconds_per_epoch"])
+    tracker = TrainingState(results_dir, config=run_config(args), title=title, history=state and state["history"],
+                            seconds_per_epoch=state and state["seconds_per_epoch"])
     initial_epoch = tracker.epochs_done
+    (results_dir / "metrics.json").unlink(missing_ok=True)  # it describes a model this run replaces; its
+    # absence also tells --resume that an evaluation did not finish
     if args.plain:
         fit_data = dict(x=x_train, batch_size=args.batch_size, validation_data=(x_test,), shuffle=True)
     else:
@@ -864,15 +876,15 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
             model = load_saved_model(results_dir / state["model_file"])
             for variable, value in zip(random_states(model), state.get("random_states", [])):
                 variable.assign(value)
-            print(f"resuming from epoch {state['epochs_done']} of {args.epochs}")
+            print(f"resuming from epoch {state['epochs_done']} of {args.epochs}" if state["epochs_done"] < args.epochs else
+                  f"training finished ({state['epochs_done']} epochs) but its evaluation did not: completing it")
         else:
             model = build_model(args, build_encoder, build_decoder)
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args)
-        tracker = train(model, args, results_dir, x_train, x_test, state)
+        tracker = train(model, args, title, results_dir, x_train, x_test, state)
         history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
-        write_history_csv(results_dir / "history.csv", history, seconds_per_epoch)
     if history:
         save_figure(plot_utils.loss_curves(history, title=title), results_dir / "loss_curves.png")
 

@@ -517,6 +517,8 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epochs(tmp_path, 2, process)
+    rows = (tmp_path / "history.csv").read_text().splitlines()  # written every epoch, to follow a long run
+    assert rows[0].startswith("epoch,") and len(rows) - 1 >= 2 and (tmp_path / "loss_curves.png").is_file()
     process.send_signal(sig)
     stdout, _ = process.communicate(timeout=120)
     if sig == signal.SIGINT:
@@ -531,6 +533,26 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     assert "resuming from epoch" in result.stdout
     check_finished_run(tmp_path, epochs=100)
     assert len(list(tmp_path.glob("checkpoint-epoch*.keras"))) == 1
+
+
+def test_resume_completes_a_run_killed_during_its_evaluation(tmp_path, tiny_mnist):
+    args = ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "pixel"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "vae.py"), *map(str, args), "--iw-samples", "500000"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "model.keras").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.kill()  # training is over (model.keras is written before the evaluation), the estimate is not
+    process.communicate()
+    assert (tmp_path / "model.keras").exists() and not (tmp_path / "metrics.json").exists()
+    result = run_script("vae.py", *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "training finished (2 epochs) but its evaluation did not: completing it" in result.stdout
+    metrics = check_finished_run(tmp_path, epochs=2)
+    trained = json.loads((tmp_path / "checkpoint.json").read_text())["seconds_per_epoch"]
+    assert metrics["iw_samples"] == 8 and metrics["seconds_per_epoch"] == [round(s, 3) for s in trained]  # not retrained
+    again = run_script("vae.py", *args, "--resume")
+    assert again.returncode == 2 and "already trained 2 epochs and evaluated" in error_lines(again.stderr)[0]
 
 
 def test_resumed_run_learns_exactly_what_an_unbroken_run_learns(finished_run, tmp_path, tiny_mnist):
@@ -565,7 +587,7 @@ def test_diverging_loss_stops_with_a_message(tmp_path, tiny_mnist):
 def test_non_finite_epoch_keeps_the_last_good_checkpoint(finished_run, tmp_path):
     results_dir, _ = finished_run
     state = json.loads((results_dir / "checkpoint.json").read_text())
-    tracker = vae.TrainingState(results_dir, state["config"], state["history"], state["seconds_per_epoch"])
+    tracker = vae.TrainingState(results_dir, state["config"], "VAE", state["history"], state["seconds_per_epoch"])
     tracker.set_model(vae.load_saved_model(results_dir / state["model_file"]))
     tracker.on_epoch_begin(2)
     tracker.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
