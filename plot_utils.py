@@ -65,6 +65,15 @@ def _show_digits(ax, mosaic):
     ax.set_yticks([])
 
 
+def total_title(history):
+    """The total's panel says what it sums when the KL term is weighted (--beta, --kl-warmup-epochs)."""
+    if "kl_weight" not in history:
+        return "total"
+    low, high = min(history["kl_weight"]), max(history["kl_weight"])
+    weight = f"{high:g}" if low == high else f"w (w: {low:g} to {high:g})"
+    return f"total: reconstruction + {weight} x KL"
+
+
 def loss_curves(history, title="VAE"):
     """Train and test loss per epoch, one panel per term, since the KL term
     is an order of magnitude smaller than the total and would look flat on a
@@ -77,7 +86,7 @@ def loss_curves(history, title="VAE"):
     for ax, (key, name) in zip(axes, LOSS_PANELS):
         ax.plot(epochs, history[key], marker=marker, ms=4, label="train")
         ax.plot(epochs, history[f"val_{key}"], marker=marker, ms=4, label="test")
-        ax.set_title(name)
+        ax.set_title(name if key != "loss" else total_title(history))
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, n_epochs + 0.5)  # room for a lone first/last point
         ax.xaxis.set_major_locator(

@@ -189,40 +189,64 @@ def log_likelihood_constant(num_pixels, likelihood):
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class VAE(keras.Model):
-    """Encoder -> Sampling -> decoder, trained on the negative ELBO (reconstruction + KL)."""
+    """Encoder -> Sampling -> decoder, trained on the negative ELBO (reconstruction + KL), or with
+    beta / kl_warmup_epochs on reconstruction + weight * KL (see kl_weight)."""
 
-    def __init__(self, encoder, decoder, likelihood="gaussian", binarize="none", seed=None, **kwargs):
+    def __init__(self, encoder, decoder, likelihood="gaussian", binarize="none", seed=None, beta=1.0,
+                 kl_warmup_epochs=0, updates_per_epoch=1, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood
         self.binarize = binarize
         self.seed = seed
+        self.beta = beta
+        self.kl_warmup_epochs = kl_warmup_epochs
+        self.updates_per_epoch = updates_per_epoch
         self.sampling = Sampling(seed=seed, dtype="float32")  # see posterior_head
         self.binarize_seed_generator = keras.random.SeedGenerator(None if seed is None else seed + 1)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")
+        self.kl_weight_tracker = keras.metrics.Mean(name="kl_weight")
+
+    @property
+    def weighted(self):
+        return self.beta != 1 or self.kl_warmup_epochs > 0
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.reconstruction_tracker, self.kl_tracker]
+        """The loss terms, and the KL weight when it is not 1 (so history.csv and the curves say so)."""
+        return [self.loss_tracker, self.reconstruction_tracker, self.kl_tracker,
+                *([self.kl_weight_tracker] if self.weighted else [])]
+
+    def kl_weight(self, updates_done):
+        """The KL term's weight in the training objective: beta, reached linearly over the first
+        kl_warmup_epochs (epoch e, counted from 0, weighs beta * e / kl_warmup_epochs). A function of
+        the optimizer's update count, which checkpoints keep, so a resumed run continues it exactly.
+        The test ELBO and the likelihood estimate never use it."""
+        if not self.kl_warmup_epochs:
+            return self.beta
+        epoch = ops.floor(ops.cast(updates_done, "float32") / self.updates_per_epoch)
+        return self.beta * ops.minimum(1.0, epoch / self.kl_warmup_epochs)
 
     def call(self, x, training=False):
         z_mean, z_log_var = self.encoder(x, training=training)
         return self.decoder(self.sampling([z_mean, z_log_var]), training=training)
 
-    def loss_terms(self, x, training):
+    def loss_terms(self, x, training, kl_weight=1.0):
         z_mean, z_log_var = self.encoder(x, training=training)
         x_hat = self.decoder(self.sampling([z_mean, z_log_var]), training=training)
         reconstruction = ops.mean(reconstruction_error(x, x_hat, self.likelihood))
         kl = ops.mean(kl_divergence(z_mean, z_log_var))
-        return reconstruction + kl, reconstruction, kl
+        return reconstruction + kl_weight * kl, reconstruction, kl
 
-    def track(self, total, reconstruction, kl):
+    def track(self, total, reconstruction, kl, kl_weight):
         self.loss_tracker.update_state(total)
         self.reconstruction_tracker.update_state(reconstruction)
         self.kl_tracker.update_state(kl)
+        if self.weighted:
+            self.kl_weight_tracker.update_state(kl_weight)
 
     def train_step(self, data):
         """One Adam update per batch. The fast path hands over a group of batches instead (one more
@@ -244,16 +268,19 @@ class VAE(keras.Model):
         if self.binarize == "dynamic":
             noise = keras.random.uniform(ops.shape(x), seed=self.binarize_seed_generator)
             x = ops.cast(noise < x, x.dtype)
+        kl_weight = self.kl_weight(self.optimizer.iterations)
         with tf.GradientTape() as tape:
-            total, reconstruction, kl = self.loss_terms(x, training=True)
+            total, reconstruction, kl = self.loss_terms(x, training=True, kl_weight=kl_weight)
             scaled = self.optimizer.scale_loss(total)  # mixed_float16: Keras' loss scaling; otherwise total
         gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply(gradients, self.trainable_weights)
-        self.track(total, reconstruction, kl)
+        self.track(total, reconstruction, kl, kl_weight)
 
     def test_step(self, data):
+        """The test loss with the weight of the epoch just trained, so train and test curves compare."""
         x = data[0] if isinstance(data, tuple) else data
-        self.track(*self.loss_terms(x, training=False))
+        kl_weight = self.kl_weight(ops.maximum(self.optimizer.iterations - 1, 0)) if self.kl_warmup_epochs else self.beta
+        self.track(*self.loss_terms(x, training=False, kl_weight=kl_weight), kl_weight)
         return self.get_metrics_result()
 
     def get_config(self):
@@ -264,6 +291,9 @@ class VAE(keras.Model):
             "likelihood": self.likelihood,
             "binarize": self.binarize,
             "seed": self.seed,
+            "beta": self.beta,
+            "kl_warmup_epochs": self.kl_warmup_epochs,
+            "updates_per_epoch": self.updates_per_epoch,
         }
 
     @classmethod
@@ -409,7 +439,7 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
 
 # What defines a run: a resumed run must agree on these (the rest may change between calls).
 RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
-                "train_size", "test_size", "dtype_policy")
+                "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs")
 
 
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -460,6 +490,11 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
                        help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli is binary cross-entropy")
     train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
                        help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use (test set: once, fixed)")
+    train.add_argument("--beta", type=positive_float, default=1.0,
+                       help="weight of the KL term in the training loss (beta-VAE); 1 is the ELBO. The test ELBO and "
+                            "likelihood estimate always weigh it 1")
+    train.add_argument("--kl-warmup-epochs", type=non_negative_int, default=0,
+                       help="raise the KL weight linearly from 0 to --beta over the first N epochs (KL annealing)")
     train.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
                        help="Keras dtype policy: mixed_* computes the VAE's layers in 16 bits, in training and in "
                             "the likelihood estimate; its variables, the loss, the ELBO and the FID networks stay "
@@ -842,14 +877,15 @@ def print_summary(title, metrics, results_dir):
         print(f"  {'median seconds per epoch':26s} {np.median(metrics['seconds_per_epoch']):.2f}")
 
 
-def build_model(args, build_encoder, build_decoder):
+def build_model(args, build_encoder, build_decoder, updates_per_epoch=1):
     """A new VAE whose layers compute in args.dtype_policy. The policy is Keras' global setting while
     the layers are made (each keeps its own, and model.keras saves it), then back to float32 so
     that nothing built later, such as the FID classifier, inherits it."""
     keras.config.set_dtype_policy(args.dtype_policy)
     try:
         return VAE(build_encoder(args), build_decoder(args), likelihood=args.likelihood, binarize=args.binarize,
-                   seed=args.seed)
+                   seed=args.seed, beta=args.beta, kl_warmup_epochs=args.kl_warmup_epochs,
+                   updates_per_epoch=updates_per_epoch)
     finally:
         keras.config.set_dtype_policy("float32")
 
@@ -879,7 +915,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
             print(f"resuming from epoch {state['epochs_done']} of {args.epochs}" if state["epochs_done"] < args.epochs else
                   f"training finished ({state['epochs_done']} epochs) but its evaluation did not: completing it")
         else:
-            model = build_model(args, build_encoder, build_decoder)
+            model = build_model(args, build_encoder, build_decoder, math.ceil(len(x_train) / args.batch_size))
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args)
         tracker = train(model, args, title, results_dir, x_train, x_test, state)

@@ -69,7 +69,7 @@ def test_architecture_matches_the_original(plain, dropout):
 
 def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
     args = argparse.Namespace(latent_dim=2, filters=8, dropout=0.25, plain=False, dtype_policy="mixed_bfloat16",
-                              likelihood="gaussian", binarize="none", seed=0)
+                              likelihood="gaussian", binarize="none", seed=0, beta=1.0, kl_warmup_epochs=0)
     model = vae.build_model(args, conv_vae.conv_encoder, conv_vae.conv_decoder)
     x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
     model(x)

@@ -69,6 +69,15 @@ def test_loss_curves(tmp_path, n_epochs):
         assert all(line.get_marker() == "o" for line in fig.axes[0].get_lines())
 
 
+def test_loss_curves_say_when_the_kl_term_is_weighted(tmp_path):
+    warmup = {**history(3), "kl_weight": [0.0, 2.0, 4.0], "val_kl_weight": [0.0, 2.0, 4.0]}
+    fig = plot_utils.loss_curves(warmup)
+    render(fig, tmp_path)
+    assert fig.axes[0].get_title() == "total: reconstruction + w (w: 0 to 4) x KL"
+    constant = plot_utils.loss_curves({**history(3), "kl_weight": [4.0] * 3, "val_kl_weight": [4.0] * 3})
+    assert constant.axes[0].get_title() == "total: reconstruction + 4 x KL"
+
+
 @pytest.mark.parametrize("n_images", [7, 150])
 def test_reconstructions_pairs_up_to_100(tmp_path, n_images):
     originals = digits(n_images)

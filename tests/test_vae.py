@@ -276,13 +276,49 @@ def test_chunking_does_not_change_the_estimate():
 
 
 # ----------------------------------------------------------------------------------------------
+# beta and KL warm-up
+# ----------------------------------------------------------------------------------------------
+
+
+def test_kl_weight_rises_linearly_over_the_warmup_epochs_then_stays_at_beta():
+    args = argparse.Namespace(latent_dim=2, hidden_dim=8)
+    model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args), beta=4.0, kl_warmup_epochs=2, updates_per_epoch=7)
+    weights = [float(model.kl_weight(updates)) for updates in (0, 6, 7, 13, 14, 1000)]
+    assert weights == [0.0, 0.0, 2.0, 2.0, 4.0, 4.0]
+    assert vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args), beta=0.5).kl_weight(123) == 0.5
+    x = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+    total, reconstruction, kl = model.loss_terms(x, training=False, kl_weight=3.0)
+    assert float(total) == pytest.approx(float(reconstruction) + 3.0 * float(kl), rel=1e-6)
+
+
+def test_warmup_continues_exactly_across_a_resume_and_the_elbo_stays_unweighted(tmp_path, tiny_mnist):
+    common = ["--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4", "--beta", "4",
+              "--kl-warmup-epochs", "2"]
+    for epochs, resume in (("1", []), ("3", ["--resume"])):
+        result = run_script("vae.py", *common, "--results-dir", tmp_path / "resumed", "--epochs", epochs, *resume)
+        assert result.returncode == 0, result.stderr
+    unbroken = run_script("vae.py", *common, "--results-dir", tmp_path / "unbroken", "--epochs", "3")
+    assert unbroken.returncode == 0, unbroken.stderr
+    histories = [json.loads((tmp_path / name / "checkpoint.json").read_text())["history"] for name in ("resumed", "unbroken")]
+    assert histories[0] == histories[1]
+    assert histories[0]["kl_weight"] == histories[0]["val_kl_weight"] == [0.0, 2.0, 4.0]
+    header = (tmp_path / "resumed" / "history.csv").read_text().splitlines()[0].split(",")
+    assert "kl_weight" in header and "val_kl_weight" in header
+    metrics = check_finished_run(tmp_path / "resumed", epochs=3)
+    assert metrics["config"]["beta"] == 4.0 and metrics["config"]["kl_warmup_epochs"] == 2
+    assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction_nll"] + metrics["test_kl"]))
+    last = {key: values[-1] for key, values in histories[0].items()}
+    assert last["loss"] == pytest.approx(last["reconstruction_loss"] + 4.0 * last["kl_loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
 # Mixed precision
 # ----------------------------------------------------------------------------------------------
 
 
 def dense_model(policy, likelihood="gaussian"):
     args = argparse.Namespace(latent_dim=2, hidden_dim=64, likelihood=likelihood, binarize="none", seed=0,
-                              dtype_policy=policy)
+                              dtype_policy=policy, beta=1.0, kl_warmup_epochs=0)
     model = vae.build_model(args, vae.dense_encoder, vae.dense_decoder)
     model(np.zeros((1, 28, 28, 1), np.float32))
     vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, xla=False, plain=False))
