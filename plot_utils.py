@@ -70,8 +70,7 @@ def total_title(history):
     if "kl_weight" not in history:
         return "total"
     low, high = min(history["kl_weight"]), max(history["kl_weight"])
-    weight = f"{high:g}" if low == high else f"w (w: {low:g} to {high:g})"
-    return f"total: reconstruction + {weight} x KL"
+    return f"total (KL weight {high:g})" if low == high else f"total (KL weight {low:g} to {high:g})"
 
 
 def loss_curves(history, title="VAE"):
@@ -216,6 +215,32 @@ def manifold(images, grid_values, title="VAE"):
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     ax.set_title(f"{title}: decoded latent grid")
+    return fig
+
+
+def interpolation(starts, paths, ends, row_labels, title="VAE"):
+    """Each row: a real test image, the decodings along a straight latent path from its posterior
+    mean to another image's (paths: (rows, steps, h, w)), and that other real image, so a reader
+    sees how smoothly the model morphs one class into another."""
+    starts, ends = _as_images(starts, 3), _as_images(ends, 3)
+    paths = _as_images(paths, 4)
+    rows, steps, h, w = paths.shape
+    if starts.shape != (rows, h, w) or ends.shape != (rows, h, w) or len(row_labels) != rows:
+        raise ValueError(f"{rows} paths of {steps} steps need {rows} start and end images and row labels, "
+                         f"got {starts.shape}, {ends.shape} and {len(row_labels)} labels")
+    cells = np.concatenate([starts[:, None], paths, ends[:, None]], axis=1).reshape(-1, h, w)
+    gap = 2
+    mosaic = _tile(cells, ncols=steps + 2, gap=gap)
+    height, width = mosaic.shape
+    fig = _new_figure(6.4, 1.0 + 6.0 * height / width)
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
+    columns = np.arange(steps + 2) * (w + gap) + (w - 1) / 2
+    ax.set_xticks(columns[[0, 1, steps, steps + 1]], ["real", "t = 0", "t = 1", "real"])
+    ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
+    ax.tick_params(length=0)
+    ax.set_xlabel(f"decoded at {steps} evenly spaced points of z = (1 - t) z_left + t z_right (posterior means)")
+    ax.set_title(f"{title}: latent interpolations between test images")
     return fig
 
 

@@ -358,6 +358,19 @@ def evaluate_elbo(model, x, seed, posterior=None):
     return reconstructions, nll, kl
 
 
+def interpolate(model, x, labels, z_mean, steps=10):
+    """Straight latent paths between the posterior means of test images of different classes (the
+    first image of each class to the first of the class 3 after it), decoded at `steps` points.
+    Returns (start images, decodings (pairs, steps, ...), end images, row labels)."""
+    firsts = {label: np.flatnonzero(labels == label)[0] for label in np.unique(labels)}
+    pairs = [(firsts[label], firsts[(label + 3) % 10]) for label in sorted(firsts) if (label + 3) % 10 in firsts]
+    starts, ends = np.array([a for a, _ in pairs], int), np.array([b for _, b in pairs], int)
+    t = np.linspace(0, 1, steps, dtype=np.float32)[None, :, None]
+    paths = (1 - t) * z_mean[starts][:, None] + t * z_mean[ends][:, None]
+    decoded = decode(model, paths.reshape(-1, z_mean.shape[1])).reshape(len(pairs), steps, *x.shape[1:])
+    return x[starts], decoded, x[ends], [f"{labels[a]} \N{RIGHTWARDS ARROW} {labels[b]}" for a, b in pairs]
+
+
 def standard_normal_log_density(x):
     return -0.5 * (math.log(2 * math.pi) + ops.square(x))
 
@@ -800,6 +813,10 @@ def evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, 
 
     z_mean = posterior[0]
     save_figure(plot_utils.latent_space(z_mean, y_test, title=title), results_dir / "latent_space_representation.png")
+    starts, paths, ends, pair_labels = interpolate(model, test_images, y_test, z_mean)
+    if pair_labels:
+        save_figure(plot_utils.interpolation(starts, paths, ends, pair_labels, title=title),
+                    results_dir / "interpolation.png")
     if z_mean.shape[1] == 2:
         grid = np.linspace(-MANIFOLD_LIMIT, MANIFOLD_LIMIT, MANIFOLD_SIZE, dtype=np.float32)
         z_grid = np.stack(np.meshgrid(grid, grid[::-1]), axis=-1).reshape(-1, 2)  # row 0 = largest z[1]

@@ -69,13 +69,29 @@ def test_loss_curves(tmp_path, n_epochs):
         assert all(line.get_marker() == "o" for line in fig.axes[0].get_lines())
 
 
+def test_interpolation_rows_hold_real_ends_and_the_path(tmp_path):
+    rng = np.random.default_rng(0)
+    starts, paths, ends = rng.random((4, 28, 28)), rng.random((4, 10, 28, 28, 1)), rng.random((4, 28, 28))
+    fig = plot_utils.interpolation(starts, paths, ends, ["0 to 3", "1 to 4", "2 to 5", "3 to 6"], title="Dense VAE")
+    render(fig, tmp_path)
+    ax = fig.axes[0]
+    assert tick_texts(ax.get_xticklabels()) == ["real", "t = 0", "t = 1", "real"]
+    assert tick_texts(ax.get_yticklabels()) == ["0 to 3", "1 to 4", "2 to 5", "3 to 6"]
+    mosaic = ax.get_images()[0].get_array()
+    assert mosaic.shape == (4 * 30 - 2, 12 * 30 - 2)
+    np.testing.assert_allclose(mosaic[:28, :28], starts[0])
+    np.testing.assert_allclose(mosaic[30:58, 11 * 30:11 * 30 + 28], ends[1])
+    with pytest.raises(ValueError, match="row labels"):
+        plot_utils.interpolation(starts, paths, ends, ["only one"])
+
+
 def test_loss_curves_say_when_the_kl_term_is_weighted(tmp_path):
     warmup = {**history(3), "kl_weight": [0.0, 2.0, 4.0], "val_kl_weight": [0.0, 2.0, 4.0]}
     fig = plot_utils.loss_curves(warmup)
     render(fig, tmp_path)
-    assert fig.axes[0].get_title() == "total: reconstruction + w (w: 0 to 4) x KL"
+    assert fig.axes[0].get_title() == "total (KL weight 0 to 4)"
     constant = plot_utils.loss_curves({**history(3), "kl_weight": [4.0] * 3, "val_kl_weight": [4.0] * 3})
-    assert constant.axes[0].get_title() == "total: reconstruction + 4 x KL"
+    assert constant.axes[0].get_title() == "total (KL weight 4)"
 
 
 @pytest.mark.parametrize("n_images", [7, 150])

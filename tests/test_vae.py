@@ -249,6 +249,22 @@ def test_estimate_is_stable_for_extreme_log_weights():
     np.testing.assert_allclose(estimate, exact, rtol=1e-3)
 
 
+def test_interpolation_runs_between_posterior_means_of_different_classes():
+    args = argparse.Namespace(latent_dim=3, hidden_dim=8)
+    model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args))
+    labels = np.array([5, 0, 3, 3, 8, 1, 4])
+    x = np.random.default_rng(0).random((7, 28, 28, 1)).astype(np.float32)
+    z_mean = np.random.default_rng(1).standard_normal((7, 3)).astype(np.float32)
+    starts, paths, ends, row_labels = vae.interpolate(model, x, labels, z_mean, steps=5)
+    arrow = " \N{RIGHTWARDS ARROW} "
+    assert row_labels == [f"0{arrow}3", f"1{arrow}4", f"5{arrow}8", f"8{arrow}1"]  # no 6 or 7: 3 and 4 have no pair
+    np.testing.assert_array_equal(starts, x[[1, 5, 0, 4]])  # the first image of each class
+    np.testing.assert_array_equal(ends, x[[2, 6, 4, 5]])
+    assert paths.shape == (4, 5, 28, 28, 1)
+    np.testing.assert_allclose(paths[:, 0], vae.decode(model, z_mean[[1, 5, 0, 4]]), atol=1e-6)  # t = 0: the start's mean
+    np.testing.assert_allclose(paths[:, -1], vae.decode(model, z_mean[[2, 6, 4, 5]]), atol=1e-6)
+
+
 def test_a_long_estimate_first_says_how_long_and_how_to_skip_it(monkeypatch, capsys):
     model, x, _ = linear_gaussian_vae(variance_scale=2.0)
     monkeypatch.setattr(vae, "LONG_STEP_SECONDS", 0)
@@ -443,7 +459,7 @@ def test_a_bad_file_fails_in_seconds_without_a_traceback(tmp_path):
 # Whole runs
 # ----------------------------------------------------------------------------------------------
 
-OUTPUTS = ["model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png",
+OUTPUTS = ["model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png", "interpolation.png",
            "latent_space_representation.png", "mnist_manifold.png", "samples.png", "metrics.json"]
 
 
@@ -525,11 +541,11 @@ def test_finished_run_is_not_overwritten(finished_run, tiny_mnist):
 
 
 def test_higher_latent_dimension_uses_pca_and_skips_the_manifold(tmp_path, tiny_mnist):
-    args = ["--latent-dim", "3", "--likelihood", "bernoulli", "--binarize", "dynamic", "--plain"]
+    args = ["--latent-dim", "20", "--likelihood", "bernoulli", "--binarize", "dynamic", "--plain"]
     result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, *args)
     assert result.returncode == 0, result.stderr
     assert "manifold figure is skipped" in result.stdout
-    assert not (tmp_path / "mnist_manifold.png").exists()
+    assert not (tmp_path / "mnist_manifold.png").exists() and (tmp_path / "interpolation.png").stat().st_size > 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["likelihood"] == "bernoulli" and metrics["config"]["plain"] is True
     assert math.isfinite(metrics["test_log_likelihood_iw"])
