@@ -121,10 +121,11 @@ def reconstructions(originals, reconstructions, title="VAE"):
     return fig
 
 
-def latent_space(z, labels, title="VAE"):
+def latent_space(z, labels, title="VAE", class_names=None):
     """Encoder means of test images coloured by their digit, to show how the
     classes are laid out; latents wider than 2 are projected on their first
-    two principal components, a 1-d latent is spread by digit on y."""
+    two principal components, a 1-d latent is spread by digit on y.
+    class_names (ten, e.g. Fashion-MNIST's clothing) replace the digits 0-9."""
     labels = np.asarray(labels).astype(int)
     z = np.asarray(z, dtype=float).reshape(len(labels), -1)  # (N,) is one column
     dim = z.shape[1]
@@ -134,8 +135,8 @@ def latent_space(z, labels, title="VAE"):
         jitter = np.random.default_rng(0).uniform(-0.35, 0.35, len(z))
         x, y = z[:, 0], labels + jitter
         ax.set_xlabel("z[0]")
-        ax.set_ylabel("digit label (jittered)")
-        ax.set_yticks(range(10))
+        ax.set_ylabel("class (jittered)" if class_names else "digit label (jittered)")
+        ax.set_yticks(range(10), class_names)
         ax.set_title(f"{title}: 1-d latent means of test digits")
     elif dim == 2:
         x, y = z[:, 0], z[:, 1]
@@ -162,7 +163,9 @@ def latent_space(z, labels, title="VAE"):
         linewidths=0,
     )
     colorbar = fig.colorbar(points, ax=ax, ticks=range(10))
-    colorbar.set_label("digit")
+    if class_names:
+        colorbar.set_ticklabels(class_names)
+    colorbar.set_label("class" if class_names else "digit")
     colorbar.ax.minorticks_off()
     colorbar.solids.set_alpha(1)  # the bar shows the colours, not the overlap
     return fig

@@ -114,15 +114,24 @@ def check_mnist(arrays, source):
             raise UsageError(f"{source}: y_{split} must hold integer labels 0-9")
 
 
-def load_mnist(path=None):
-    """(x_train, y_train, x_test, y_test) as uint8 arrays, from a .npz, an IDX folder or Keras' download."""
+DATASETS = {  # --dataset: Keras' download, the name in figures, and the ten class names
+    "mnist": (keras.datasets.mnist, "MNIST", tuple("0123456789")),
+    "fashion_mnist": (keras.datasets.fashion_mnist, "Fashion-MNIST", (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
+}
+
+
+def load_mnist(path=None, dataset="mnist"):
+    """(x_train, y_train, x_test, y_test) as uint8 arrays, from a .npz, an IDX folder or Keras' download
+    of the dataset (MNIST or Fashion-MNIST: the same format)."""
     if path is None:
+        module, name, _ = DATASETS[dataset]
         try:
-            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+            (x_train, y_train), (x_test, y_test) = module.load_data()
         except Exception as e:
-            raise UsageError(f"cannot download MNIST ({type(e).__name__}); pass --data PATH to a local copy") from None
+            raise UsageError(f"cannot download {name} ({type(e).__name__}); pass --data PATH to a local copy") from None
         arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-        source = "keras.datasets.mnist"
+        source = f"keras.datasets.{dataset}"
     else:
         source = Path(path)
         if source.is_dir():
@@ -358,7 +367,7 @@ def evaluate_elbo(model, x, seed, posterior=None):
     return reconstructions, nll, kl
 
 
-def interpolate(model, x, labels, z_mean, steps=10):
+def interpolate(model, x, labels, z_mean, class_names=DATASETS["mnist"][2], steps=10):
     """Straight latent paths between the posterior means of test images of different classes (the
     first image of each class to the first of the class 3 after it), decoded at `steps` points.
     Returns (start images, decodings (pairs, steps, ...), end images, row labels)."""
@@ -368,7 +377,8 @@ def interpolate(model, x, labels, z_mean, steps=10):
     t = np.linspace(0, 1, steps, dtype=np.float32)[None, :, None]
     paths = (1 - t) * z_mean[starts][:, None] + t * z_mean[ends][:, None]
     decoded = decode(model, paths.reshape(-1, z_mean.shape[1])).reshape(len(pairs), steps, *x.shape[1:])
-    return x[starts], decoded, x[ends], [f"{labels[a]} \N{RIGHTWARDS ARROW} {labels[b]}" for a, b in pairs]
+    names = [f"{class_names[labels[a]]} \N{RIGHTWARDS ARROW} {class_names[labels[b]]}" for a, b in pairs]
+    return x[starts], decoded, x[ends], names
 
 
 def standard_normal_log_density(x):
@@ -452,7 +462,7 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
 
 # What defines a run: a resumed run must agree on these (the rest may change between calls).
 RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
-                "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs")
+                "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs", "dataset")
 
 
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -516,6 +526,9 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
                        help="plain Keras path (arrays into fit, one batch per step, no XLA, Keras' own dropout): "
                             "same math, slower; the speed baseline")
     data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=tuple(DATASETS), default="mnist",
+                      help="Keras' download when --data is not given; with --data, which labels its files hold "
+                           "(class names in the figures)")
     data.add_argument("--data", default=None,
                       help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four MNIST IDX files; "
                            "default: keras.datasets.mnist download")
@@ -812,8 +825,10 @@ def evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, 
                 results_dir / "reconstruction_images.png")
 
     z_mean = posterior[0]
-    save_figure(plot_utils.latent_space(z_mean, y_test, title=title), results_dir / "latent_space_representation.png")
-    starts, paths, ends, pair_labels = interpolate(model, test_images, y_test, z_mean)
+    class_names = DATASETS[args.dataset][2]
+    save_figure(plot_utils.latent_space(z_mean, y_test, title=title, class_names=None if args.dataset == "mnist" else class_names),
+                results_dir / "latent_space_representation.png")
+    starts, paths, ends, pair_labels = interpolate(model, test_images, y_test, z_mean, class_names)
     if pair_labels:
         save_figure(plot_utils.interpolation(starts, paths, ends, pair_labels, title=title),
                     results_dir / "interpolation.png")
@@ -912,7 +927,8 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
     if state and (args.resume or args.evaluate_only):
         for key in run_defining:  # an option added since the checkpoint was written has its default there
             setattr(args, key, state["config"].get(key, parser.get_default(key)))
-    mnist = load_mnist(args.data)
+    mnist = load_mnist(args.data, args.dataset)
+    figure_title = title if args.dataset == "mnist" else f"{title} on {DATASETS[args.dataset][1]}"
     x_train, _, x_test, y_test = mnist
     x_train = to_float_images(x_train[:args.train_size])
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
@@ -935,11 +951,11 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
             model = build_model(args, build_encoder, build_decoder, math.ceil(len(x_train) / args.batch_size))
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args)
-        tracker = train(model, args, title, results_dir, x_train, x_test, state)
+        tracker = train(model, args, figure_title, results_dir, x_train, x_test, state)
         history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
     if history:
-        save_figure(plot_utils.loss_curves(history, title=title), results_dir / "loss_curves.png")
+        save_figure(plot_utils.loss_curves(history, title=figure_title), results_dir / "loss_curves.png")
 
     metrics = {"model": title, "epochs": len(seconds_per_epoch), "config": run_config(args),
                "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -948,7 +964,7 @@ def run(args, parser, build_encoder, build_decoder, title, run_defining):
         for name in ("loss", "reconstruction_loss", "kl_loss"):
             metrics[f"final_train_{name}"] = history[name][-1]
             metrics[f"final_test_{name}"] = history[f"val_{name}"][-1]
-    metrics.update(evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, inception_error))
+    metrics.update(evaluate(model, args, figure_title, results_dir, x_test, y_test, mnist, inception, inception_error))
     write_json(results_dir / "metrics.json", metrics)
     print_summary(title, metrics, results_dir)
 

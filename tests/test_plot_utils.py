@@ -128,6 +128,15 @@ def test_latent_space_2d(tmp_path):
     assert tick_texts(colorbar_ax.get_yticklabels()) == [str(d) for d in range(10)]
 
 
+def test_latent_space_names_fashion_mnist_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    fig = plot_utils.latent_space(rng.normal(size=(20, 2)), rng.integers(0, 10, 20), class_names=names)
+    render(fig, tmp_path)
+    colorbar_ax = fig.axes[1]
+    assert tick_texts(colorbar_ax.get_yticklabels()) == names and colorbar_ax.get_ylabel() == "class"
+
+
 def test_latent_space_pca_for_5d(tmp_path):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(500, 5)) * [5, 2, 1, 1, 1]

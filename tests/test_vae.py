@@ -73,6 +73,25 @@ def test_bad_npz_is_a_one_line_usage_error(tmp_path, tiny_mnist, change, message
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_offline_download_names_the_dataset_and_data(monkeypatch):
+    def offline():
+        raise OSError("no network")
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(vae.UsageError, match=r"cannot download Fashion-MNIST \(OSError\); pass --data PATH"):
+        vae.load_mnist(None, "fashion_mnist")
+
+
+def test_fashion_mnist_runs_with_clothing_names(tmp_path, tiny_mnist):
+    result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "pixel",
+                        "--dataset", "fashion_mnist")
+    assert result.returncode == 0, result.stderr
+    assert check_finished_run(tmp_path, epochs=2)["config"]["dataset"] == "fashion_mnist"
+    model = vae.load_saved_model(tmp_path / "model.keras")
+    x, labels = vae.to_float_images(vae.load_mnist(tiny_mnist)[2]), vae.load_mnist(tiny_mnist)[3]
+    *_, row_labels = vae.interpolate(model, x, labels, vae.encode(model, x)[0], vae.DATASETS["fashion_mnist"][2])
+    assert "T-shirt/top \N{RIGHTWARDS ARROW} Dress" in row_labels  # class 0 to class 3
+
+
 def test_unreadable_paths_are_usage_errors(tmp_path, tiny_mnist):
     (tmp_path / "noise.npz").write_bytes(os.urandom(500))
     with pytest.raises(vae.UsageError, match="not an .npz file"):
