@@ -247,6 +247,28 @@ def interpolation(starts, paths, ends, row_labels, title="VAE"):
     return fig
 
 
+def progress_frame(originals, reconstructions, samples, columns=10):
+    """One frame of training progress as a uint8 image: a row of test images, their reconstructions
+    below, then rows of decoded prior samples (the same inputs every epoch, so frames compare)."""
+    cells = np.concatenate([_as_images(originals, 3), _as_images(reconstructions, 3), _as_images(samples, 3)])
+    return np.round(255 * np.clip(_tile(cells, ncols=columns, gap=2), 0, 1)).astype(np.uint8)
+
+
+def progress_animation(frames, scale=2):
+    """The frames of every epoch as PIL images (each labelled "epoch N", enlarged scale times),
+    ready to be saved as one animated GIF."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for epoch, frame in enumerate(frames, start=1):
+        height, width = frame.shape
+        image = Image.new("L", (width * scale, height * scale + 16), 0)
+        image.paste(Image.fromarray(frame).resize((width * scale, height * scale), Image.NEAREST), (0, 16))
+        ImageDraw.Draw(image).text((4, 2), f"epoch {epoch}", fill=255)
+        images.append(image)
+    return images
+
+
 def samples(images, title="VAE"):
     """Decodings of z ~ N(0, I) in a near-square grid (10 x 10 for 100), to
     show what the generative model produces from its prior."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from PIL import Image
 from conftest import QUICK, ROOT, error_lines, run_script, tiny_digits, write_tiny_mnist
 from scipy.stats import multivariate_normal
 
@@ -478,7 +480,7 @@ def test_a_bad_file_fails_in_seconds_without_a_traceback(tmp_path):
 # Whole runs
 # ----------------------------------------------------------------------------------------------
 
-OUTPUTS = ["model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png", "interpolation.png",
+OUTPUTS = ["model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png", "interpolation.png", "progress.gif",
            "latent_space_representation.png", "mnist_manifold.png", "samples.png", "metrics.json"]
 
 
@@ -491,6 +493,8 @@ def check_finished_run(results_dir, epochs):
     assert rows[0].startswith("epoch,") and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, epochs + 1))
     metrics = json.loads((results_dir / "metrics.json").read_text())
     assert metrics["epochs"] == epochs and len(metrics["seconds_per_epoch"]) == epochs
+    with Image.open(results_dir / "progress.gif") as gif:
+        assert gif.n_frames == epochs  # one frame per epoch, resumed runs included
     fids = [f"fid_{kind}_{images}" for kind in metrics["config"]["fid"] for images in ("recon", "samples")]
     accuracy = ["classifier_test_accuracy"] if "classifier" in metrics["config"]["fid"] else []
     for key in ("final_train_loss", "final_test_loss", "final_test_kl_loss", "test_elbo", *fids, *accuracy):
@@ -646,6 +650,29 @@ def test_resume_extends_a_finished_run_and_keeps_its_configuration(finished_run,
     result = run_script("vae.py", "--data", tiny_mnist, "--results-dir", copy, *QUICK[2:], "--epochs", "3", "--resume")
     assert result.returncode == 0, result.stderr
     assert check_finished_run(copy, epochs=3)["config"]["batch_size"] == 32
+
+
+def tensorboard_steps(log_dir):
+    """{(run, tag): [steps]} of every summary in every event file under log_dir."""
+    steps = {}
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                steps.setdefault((path.parent.name, value.tag), []).append(event.step)
+    return steps
+
+
+def test_tensorboard_logs_continue_across_a_resume_without_duplicates(tmp_path, tiny_mnist):
+    common = ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "pixel", "--iw-samples", "0",
+              "--tensorboard"]
+    for epochs, resume in (("1", []), ("3", ["--resume"])):
+        result = run_script("vae.py", *common, "--epochs", epochs, *resume)
+        assert result.returncode == 0, result.stderr
+    steps = tensorboard_steps(tmp_path / "tensorboard")
+    for key in (("train", "epoch_loss"), ("train", "epoch_kl_loss"), ("validation", "epoch_reconstruction_loss"),
+                ("progress", "progress")):
+        assert steps[key] == [0, 1, 2], key
+    check_finished_run(tmp_path, epochs=3)
 
 
 def test_diverging_loss_stops_with_a_message(tmp_path, tiny_mnist):
