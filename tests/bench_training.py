@@ -9,7 +9,8 @@ arrays into fit, one step per call, no XLA, Keras' own dropout, float32), each i
 and prints the median seconds per epoch after the first (the first holds tracing and compilation,
 printed apart), the ratios, the arithmetic rate and the peak resident memory, and the floor: the
 train step alone, looped over in-memory batches inside one compiled program; then a per-layer
-profile of one training step in each policy, against this machine's matmul ceiling; then it times
+profile of one training step in each policy, against this machine's matmul ceiling, and what the
+progress frame (progress.gif) adds to each epoch; then it times
 `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
 Run it with nothing else on the machine: the runs share its cores.
 """
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import conv_vae  # noqa: E402
+import fid  # noqa: E402
 import vae  # noqa: E402
 
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000
@@ -140,6 +142,22 @@ def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
     return (time.perf_counter() - start) / steps * math.ceil(TRAIN_IMAGES / batch_size)
 
 
+def progress_frame_seconds(encoder, decoder, data, frames, repeats=20):
+    """What vae.TrainingState adds to every epoch for progress.gif: one frame, and the frames file rewritten."""
+    x_test = vae.to_float_images(vae.load_mnist(data)[2][:10])
+    model = vae.VAE(encoder, decoder)
+    model(x_test[:1])
+    with tempfile.TemporaryDirectory() as results_dir:
+        tracker = vae.TrainingState(Path(results_dir), {}, "bench", x_test, np.zeros((20, 2), np.float32))
+        tracker.set_model(model)
+        earlier = [tracker.progress_frame()] * frames
+        start = time.perf_counter()
+        for _ in range(repeats):
+            frame = tracker.progress_frame()
+            fid.atomic_write(Path(results_dir) / vae.PROGRESS_FRAMES, lambda p: np.save(p, np.stack([*earlier, frame])))
+    return (time.perf_counter() - start) / repeats
+
+
 def benchmark_model(name, script, build_encoder, build_decoder, batch_size, data, epochs, xla, floor_steps, policies):
     """Timed runs of each policy's fast path and of the plain path; returns seconds per epoch by path."""
     architecture = argparse.Namespace(latent_dim=2, hidden_dim=256, filters=32, dropout=0.25, plain=False)
@@ -164,6 +182,9 @@ def benchmark_model(name, script, build_encoder, build_decoder, batch_size, data
         print(f"    floor in {policy}: the train step alone, {floor_steps} in-memory batches in one compiled loop: "
               f"{floor:.2f} s/epoch ({gflop / floor:.1f} GFLOP/s); the fast path spends {results[policy] - floor:.2f} "
               "s/epoch more (data, Keras' loop, the test pass)")
+    watch_cost = progress_frame_seconds(build_encoder(architecture), build_decoder(architecture), data, frames=100)
+    print(f"  progress frame per epoch (decode, draw, save 100 frames): {1000 * watch_cost:.1f} ms, "
+          f"{watch_cost / results[policies[0]]:.2%} of a {policies[0]} epoch (target < 2%)")
     fastest = min(policies, key=results.get)
     print(f"  fastest policy for the {name}: {fastest}")
     return results
