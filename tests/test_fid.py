@@ -243,15 +243,18 @@ def test_compute_statistics_uses_the_cache_on_the_second_call(tmp_path, monkeypa
 
 def test_fingerprint_follows_images_features_and_weights():
     images = random_images(4)
-    model_a, model_b = (types.SimpleNamespace(weights_sha256=name) for name in ("a", "b"))
+    model_a, model_b, model_a_bfloat16 = (
+        types.SimpleNamespace(weights_sha256=name, dtype_policy=types.SimpleNamespace(name=policy))
+        for name, policy in (("a", "float32"), ("b", "float32"), ("a", "mixed_bfloat16")))
     fingerprints = {
         fid.statistics_fingerprint(images, "pixel"),
         fid.statistics_fingerprint(images[:-1], "pixel"),
         fid.statistics_fingerprint(images.astype(np.float32), "pixel"),
         fid.statistics_fingerprint(images, "inception", model_a),
         fid.statistics_fingerprint(images, "inception", model_b),
+        fid.statistics_fingerprint(images, "inception", model_a_bfloat16),
     }
-    assert len(fingerprints) == 5
+    assert len(fingerprints) == 6
     assert fid.statistics_fingerprint(images.copy(), "pixel") == fid.statistics_fingerprint(images, "pixel")
 
 

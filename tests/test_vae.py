@@ -685,7 +685,8 @@ def test_diverging_loss_stops_with_a_message(tmp_path, tiny_mnist):
 def test_non_finite_epoch_keeps_the_last_good_checkpoint(finished_run, tmp_path):
     results_dir, _ = finished_run
     state = json.loads((results_dir / "checkpoint.json").read_text())
-    tracker = vae.TrainingState(results_dir, state["config"], "VAE", state["history"], state["seconds_per_epoch"])
+    tracker = vae.TrainingState(results_dir, state["config"], "VAE", watch_images=None, watch_z=None,
+                                history=state["history"], seconds_per_epoch=state["seconds_per_epoch"])
     tracker.set_model(vae.load_saved_model(results_dir / state["model_file"]))
     tracker.on_epoch_begin(2)
     tracker.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
@@ -755,4 +756,5 @@ def test_full_disk_keeps_the_last_checkpoint_and_no_partial_file(monkeypatch, tm
     assert "No space left on device" in capsys.readouterr().err
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     assert state["epochs_done"] == 1 and (tmp_path / state["model_file"]).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch1.keras", "checkpoint.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch1.keras", "checkpoint.json", "history.csv",
+                                                         "loss_curves.png", "progress_frames.npy"]
