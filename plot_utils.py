@@ -129,6 +129,7 @@ def latent_space(z, labels, title="VAE", class_names=None):
     labels = np.asarray(labels).astype(int)
     z = np.asarray(z, dtype=float).reshape(len(labels), -1)  # (N,) is one column
     dim = z.shape[1]
+    items = "images" if class_names else "digits"
     fig = _new_figure(5.6, 4.8)
     ax = fig.add_subplot()
     if dim == 1:
@@ -137,12 +138,12 @@ def latent_space(z, labels, title="VAE", class_names=None):
         ax.set_xlabel("z[0]")
         ax.set_ylabel("class (jittered)" if class_names else "digit label (jittered)")
         ax.set_yticks(range(10), class_names)
-        ax.set_title(f"{title}: 1-d latent means of test digits")
+        fig.suptitle(f"{title}: 1-d latent means of test {items}")
     elif dim == 2:
         x, y = z[:, 0], z[:, 1]
         ax.set_xlabel("z[0]")
         ax.set_ylabel("z[1]")
-        ax.set_title(f"{title}: latent means of test digits")
+        fig.suptitle(f"{title}: latent means of test {items}")
     else:
         centred = z - z.mean(axis=0)
         _, singular_values, components = np.linalg.svd(centred, full_matrices=False)
@@ -150,7 +151,7 @@ def latent_space(z, labels, title="VAE", class_names=None):
         explained = singular_values**2 / np.sum(singular_values**2)
         ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
         ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)")
-        ax.set_title(f"{title}: PCA projection of the {dim}-d latent means")
+        fig.suptitle(f"{title}: PCA projection of the {dim}-d latent means")
     marker_area = float(np.clip(4000 / len(z), 2, 30))  # small for 10k, visible for 20
     points = ax.scatter(
         x,
@@ -235,15 +236,16 @@ def interpolation(starts, paths, ends, row_labels, title="VAE"):
     gap = 2
     mosaic = _tile(cells, ncols=steps + 2, gap=gap)
     height, width = mosaic.shape
-    fig = _new_figure(6.4, 1.0 + 6.0 * height / width)
+    label_inches = 0.08 * max(len(label) for label in row_labels)  # class names need room
+    fig = _new_figure(6.0 + label_inches, 1.0 + 6.0 * height / width)
     ax = fig.add_subplot()
     ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
     columns = np.arange(steps + 2) * (w + gap) + (w - 1) / 2
     ax.set_xticks(columns[[0, 1, steps, steps + 1]], ["real", "t = 0", "t = 1", "real"])
     ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
     ax.tick_params(length=0)
-    ax.set_xlabel(f"decoded at {steps} evenly spaced points of z = (1 - t) z_left + t z_right (posterior means)")
-    ax.set_title(f"{title}: latent interpolations between test images")
+    ax.set_xlabel(f"z = (1 - t) z_left + t z_right (posterior means), {steps} evenly spaced t")
+    fig.suptitle(f"{title}: latent interpolations between test images")
     return fig
 
 

@@ -75,6 +75,7 @@ def test_interpolation_rows_hold_real_ends_and_the_path(tmp_path):
     fig = plot_utils.interpolation(starts, paths, ends, ["0 to 3", "1 to 4", "2 to 5", "3 to 6"], title="Dense VAE")
     render(fig, tmp_path)
     ax = fig.axes[0]
+    assert fig.get_suptitle().startswith("Dense VAE")
     assert tick_texts(ax.get_xticklabels()) == ["real", "t = 0", "t = 1", "real"]
     assert tick_texts(ax.get_yticklabels()) == ["0 to 3", "1 to 4", "2 to 5", "3 to 6"]
     mosaic = ax.get_images()[0].get_array()
@@ -123,7 +124,7 @@ def test_latent_space_2d(tmp_path):
     render(fig, tmp_path)
     ax, colorbar_ax = fig.axes
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
-    assert ax.get_title().startswith("Dense VAE")
+    assert fig.get_suptitle().startswith("Dense VAE")
     assert list(colorbar_ax.get_yticks()) == list(range(10))
     assert tick_texts(colorbar_ax.get_yticklabels()) == [str(d) for d in range(10)]
 
@@ -143,7 +144,7 @@ def test_latent_space_pca_for_5d(tmp_path):
     fig = plot_utils.latent_space(z, rng.integers(0, 10, 500))
     render(fig, tmp_path)
     ax = fig.axes[0]
-    assert "PCA" in ax.get_title() and "5-d" in ax.get_title()
+    assert "PCA" in fig.get_suptitle() and "5-d" in fig.get_suptitle()
     assert ax.get_xlabel().startswith("PC 1")
     assert ax.get_ylabel().startswith("PC 2")
     x, y = ax.collections[0].get_offsets().T
