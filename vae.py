@@ -594,7 +594,7 @@ CHECKPOINT_STATE = "checkpoint.json"
 PROGRESS_FRAMES = "progress_frames.npy"
 
 
-LOSS_CURVES_EVERY_SECONDS = 30  # the figure costs about 0.4 s: every epoch of the conv model, not of the dense one
+LOSS_CURVES_SHARE = 0.02  # redraw loss_curves.png when it costs under 2% of the training time since the last drawing
 
 
 class TrainingState(keras.callbacks.Callback):
@@ -604,10 +604,12 @@ class TrainingState(keras.callbacks.Callback):
     point) names it, then the older model file is removed: a kill at any moment leaves a consistent
     checkpoint behind.
 
-    Training you can watch: history.csv follows every epoch, loss_curves.png every
-    LOSS_CURVES_EVERY_SECONDS, and a progress frame (watch_images reconstructed, watch_z decoded)
-    joins progress_frames.npy before each checkpoint (a kill may leave one frame too many, which a
-    resume drops); with a tensorboard_dir the frame also goes to TensorBoard.
+    Training you can watch: history.csv follows every epoch; loss_curves.png is redrawn whenever
+    drawing it (about 0.4 s) costs under LOSS_CURVES_SHARE of the time trained since it was last
+    drawn: every epoch of the convolutional model, every 10-15 of the dense one; a progress frame
+    (watch_images reconstructed, watch_z decoded) joins progress_frames.npy before each checkpoint
+    (a kill may leave one frame too many, which a resume drops); with a tensorboard_dir the frame
+    also goes to TensorBoard.
     """
 
     def __init__(self, results_dir, config, title, watch_images, watch_z, history=None, seconds_per_epoch=None,
@@ -620,7 +622,7 @@ class TrainingState(keras.callbacks.Callback):
         self.history = history or {}
         self.seconds_per_epoch = seconds_per_epoch or []
         self.diverged_epoch = None
-        self.loss_curves_drawn = -math.inf
+        self.loss_curves_drawn, self.loss_curves_seconds = -math.inf, 0.0
         self.frames = list(read_frames(results_dir)[:self.epochs_done])
         self.image_writer = tf.summary.create_file_writer(str(tensorboard_dir / "progress")) if tensorboard_dir else None
 
@@ -656,9 +658,11 @@ class TrainingState(keras.callbacks.Callback):
         if previous and previous["model_file"] != model_file:
             (self.results_dir / previous["model_file"]).unlink(missing_ok=True)
         write_history_csv(self.results_dir / "history.csv", self.history, self.seconds_per_epoch)
-        if time.perf_counter() - self.loss_curves_drawn >= LOSS_CURVES_EVERY_SECONDS:
+        if self.loss_curves_seconds <= LOSS_CURVES_SHARE * (time.perf_counter() - self.loss_curves_drawn):
+            start = time.perf_counter()
             save_figure(plot_utils.loss_curves(self.history, title=self.title), self.results_dir / "loss_curves.png")
             self.loss_curves_drawn = time.perf_counter()
+            self.loss_curves_seconds = self.loss_curves_drawn - start
         if self.image_writer:
             with self.image_writer.as_default():
                 tf.summary.image("progress", self.frames[-1][None, :, :, None], step=epoch)
