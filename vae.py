@@ -532,7 +532,7 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
                            "(class names in the figures)")
     data.add_argument("--data", default=None,
                       help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four MNIST IDX files; "
-                           "default: keras.datasets.mnist download")
+                           "default: Keras' download of --dataset")
     data.add_argument("--train-size", type=fid.positive_int, default=None, help="train on the first N images (quick runs)")
     data.add_argument("--test-size", type=fid.positive_int, default=None, help="evaluate on the first N test images")
     evaluation = parser.add_argument_group("evaluation")
