@@ -42,20 +42,20 @@ def dropout(args):
 def conv_encoder(args):
     """28x28x1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance)."""
     x = keras.Input(vae.IMAGE_SHAPE)
-    h = layers.Conv2D(args.filters, 3, strides=2, padding="same", activation="relu")(x)
-    h = layers.Conv2D(2 * args.filters, 3, strides=2, padding="same", activation="relu")(h)
+    h = layers.Conv2D(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
+    h = layers.Conv2D(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
     h = dropout(args)(h)
-    h = layers.Dense(32, activation="relu")(layers.Flatten()(h))
+    h = layers.Dense(32, activation=args.activation)(layers.Flatten()(h))
     return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
 
 
 def conv_decoder(args):
     """latent -> Dense(7*7*2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1, sigmoid)."""
     z = keras.Input((args.latent_dim,))
-    h = layers.Dense(7 * 7 * 2 * args.filters, activation="relu")(z)
+    h = layers.Dense(7 * 7 * 2 * args.filters, activation=args.activation)(z)
     h = layers.Reshape((7, 7, 2 * args.filters))(h)
-    h = layers.Conv2DTranspose(2 * args.filters, 3, strides=2, padding="same", activation="relu")(h)
-    h = layers.Conv2DTranspose(args.filters, 3, strides=2, padding="same", activation="relu")(h)
+    h = layers.Conv2DTranspose(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
+    h = layers.Conv2DTranspose(args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
     h = dropout(args)(h)
     logits = layers.Conv2DTranspose(1, 3, padding="same")(h)
     x_hat = layers.Activation("sigmoid", dtype="float32")(logits)  # see vae.posterior_head

@@ -325,16 +325,21 @@ def posterior_head(h, latent_dim):
 
 
 def dense_encoder(args):
-    """784 -> Dense(hidden, relu) -> (mean, log-variance), as in the original."""
+    """784 -> Dense(hidden, relu) -> (mean, log-variance), as in the original; --hidden-layers
+    stacks more hidden layers of the same width."""
     x = keras.Input(IMAGE_SHAPE)
-    h = layers.Dense(args.hidden_dim, activation="relu")(layers.Flatten()(x))
+    h = layers.Flatten()(x)
+    for _ in range(args.hidden_layers):
+        h = layers.Dense(args.hidden_dim, activation=args.activation)(h)
     return keras.Model(x, posterior_head(h, args.latent_dim), name="encoder")
 
 
 def dense_decoder(args):
-    """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original."""
+    """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original (mirrors the encoder)."""
     z = keras.Input((args.latent_dim,))
-    h = layers.Dense(args.hidden_dim, activation="relu")(z)
+    h = z
+    for _ in range(args.hidden_layers):
+        h = layers.Dense(args.hidden_dim, activation=args.activation)(h)
     x_hat = layers.Dense(math.prod(IMAGE_SHAPE), activation="sigmoid", dtype="float32")(h)  # see posterior_head
     return keras.Model(z, layers.Reshape(IMAGE_SHAPE, dtype="float32")(x_hat), name="decoder")
 
@@ -463,10 +468,12 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
 
 # What defines a run: a resumed run must agree on these (the rest may change between calls).
 RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
-                "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs", "dataset")
+                "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs", "dataset", "lr_schedule",
+                "activation")
 
 
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh")
 
 
 def non_negative_int(text):
@@ -509,6 +516,9 @@ def build_parser(description, epochs, batch_size, results_dir, iw_samples):
     train.add_argument("--epochs", type=fid.positive_int, default=epochs, help="total epochs to train to")
     train.add_argument("--batch-size", type=fid.positive_int, default=batch_size, help="images per step")
     train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="cosine: decay the learning rate to 0 along a half cosine over the --epochs of the run "
+                            "(Loshchilov & Hutter, 2017); it ends with the run, so --resume cannot extend it")
     train.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, sampling and evaluation")
     train.add_argument("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
                        help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli is binary cross-entropy")
@@ -745,6 +755,9 @@ def check_results_dir(args, parser, run_defining):
                 given = getattr(args, key)
                 if given != saved and given != parser.get_default(key):
                     raise UsageError(f"--{key.replace('_', '-')} {given} differs from the checkpointed run's {saved}")
+        if state["config"].get("lr_schedule") == "cosine" and args.epochs != state["config"]["epochs"]:
+            raise UsageError(f"--epochs {args.epochs}: the run's cosine learning-rate schedule ends at epoch "
+                             f"{state['config']['epochs']}; resume with --epochs {state['config']['epochs']}")
         if state["epochs_done"] >= args.epochs and (results_dir / "metrics.json").is_file():
             raise UsageError(f"{results_dir}: already trained {state['epochs_done']} epochs and evaluated; "
                              "pass a larger --epochs, or use --evaluate-only")
@@ -804,7 +817,10 @@ def make_datasets(args, x_train, x_test, first_epoch=0):
 
 
 def compile_model(model, args):
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), jit_compile=args.xla and not args.plain)
+    learning_rate = args.learning_rate
+    if args.lr_schedule == "cosine":  # a function of the optimizer's update count: checkpoints keep both
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, args.epochs * model.updates_per_epoch)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=args.xla and not args.plain)
 
 
 def train(model, args, title, results_dir, x_train, x_test, state):
@@ -1029,11 +1045,14 @@ def main(argv=None, title="Dense VAE", build_encoder=dense_encoder, build_decode
                           iw_samples)
     parser.set_defaults(xla=xla, batches_per_step=batches_per_step)
     architecture = parser.add_argument_group("architecture")
+    architecture.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="of the hidden layers")
     if add_arguments:
         architecture_options = add_arguments(architecture)
     else:
-        architecture.add_argument("--hidden-dim", type=fid.positive_int, default=256, help="units of the hidden layer")
-        architecture_options = ("hidden_dim",)
+        architecture.add_argument("--hidden-dim", type=fid.positive_int, default=256, help="units of each hidden layer")
+        architecture.add_argument("--hidden-layers", type=fid.positive_int, default=1,
+                                  help="hidden layers in the encoder, and as many in the decoder")
+        architecture_options = ("hidden_dim", "hidden_layers")
     args = parser.parse_args(argv)
     if args.model and not args.evaluate_only:
         parser.error("--model goes with --evaluate-only")

@@ -57,7 +57,7 @@ def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
 
 @pytest.mark.parametrize("plain, dropout", [(False, "ByteDropout"), (True, "Dropout")])
 def test_architecture_matches_the_original(plain, dropout):
-    args = argparse.Namespace(latent_dim=2, filters=32, dropout=0.25, plain=plain)
+    args = argparse.Namespace(latent_dim=2, filters=32, dropout=0.25, plain=plain, activation="relu")
     encoder, decoder = conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)
     assert [layer.__class__.__name__ for layer in encoder.layers[1:]] == [
         "Conv2D", "Conv2D", dropout, "Flatten", "Dense", "Dense", "Dense"]
@@ -67,8 +67,16 @@ def test_architecture_matches_the_original(plain, dropout):
     assert decoder.output.shape == (None, 28, 28, 1) and decoder.layers[-1].get_config()["activation"] == "sigmoid"
 
 
+def test_activation_reaches_every_hidden_layer():
+    args = argparse.Namespace(latent_dim=2, filters=4, dropout=0.0, plain=False, activation="elu")
+    hidden = [layer for network in (conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)) for layer in network.layers
+              if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose, keras.layers.Dense)) and layer.name not in ("z_mean", "z_log_var")
+              and not (isinstance(layer, keras.layers.Conv2DTranspose) and layer.filters == 1)]
+    assert len(hidden) == 6 and {layer.get_config()["activation"] for layer in hidden} == {"elu"}
+
+
 def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
-    args = argparse.Namespace(latent_dim=2, filters=8, dropout=0.25, plain=False, dtype_policy="mixed_bfloat16",
+    args = argparse.Namespace(latent_dim=2, filters=8, dropout=0.25, plain=False, activation="relu", dtype_policy="mixed_bfloat16",
                               likelihood="gaussian", binarize="none", seed=0, beta=1.0, kl_warmup_epochs=0)
     model = vae.build_model(args, conv_vae.conv_encoder, conv_vae.conv_decoder)
     x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)

@@ -193,8 +193,8 @@ def test_groups_of_batches_train_exactly_like_one_batch_per_step(tiny_mnist):
     x = vae.to_float_images(vae.load_mnist(tiny_mnist)[0][:100])
     weights, updates = [], []
     for batches_per_step in (1, 4):
-        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3,
-                                  xla=True, plain=False, latent_dim=2, hidden_dim=32)
+        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3, lr_schedule="constant",
+                                  xla=True, plain=False, latent_dim=2, hidden_dim=32, hidden_layers=1, activation="relu")
         keras.utils.set_random_seed(0)
         model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args), seed=0)
         vae.compile_model(model, args)
@@ -205,6 +205,53 @@ def test_groups_of_batches_train_exactly_like_one_batch_per_step(tiny_mnist):
     assert updates == [2 * 7, 2 * 7]  # 100 images in batches of 16: 6 full and one of 4, per epoch
     for grouped, single in zip(*weights):
         np.testing.assert_allclose(grouped, single, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_layers_and_activation_shape_both_networks():
+    args = argparse.Namespace(latent_dim=2, hidden_dim=16, hidden_layers=3, activation="gelu")
+    encoder, decoder = vae.dense_encoder(args), vae.dense_decoder(args)
+    hidden = [layer for network in (encoder, decoder) for layer in network.layers
+              if isinstance(layer, keras.layers.Dense) and layer.units == 16]
+    assert len(hidden) == 6 and {layer.get_config()["activation"] for layer in hidden} == {"gelu"}
+    assert decoder.layers[-2].units == 784 and decoder.layers[-2].get_config()["activation"] == "sigmoid"
+    assert [layer.name for layer in encoder.layers[-2:]] == ["z_mean", "z_log_var"]
+
+
+def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
+    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="relu", learning_rate=2e-3,
+                              lr_schedule="cosine", epochs=4, xla=False, plain=False)
+    model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args), updates_per_epoch=5)
+    model(np.zeros((1, 28, 28, 1), np.float32))
+    vae.compile_model(model, args)
+    model.optimizer.build(model.trainable_variables)
+    rates = []
+    for updates in (0, 10, 20, 25):
+        model.optimizer.iterations.assign(updates)
+        rates.append(float(model.optimizer.learning_rate))
+    assert rates == pytest.approx([2e-3, 1e-3, 0.0, 0.0], abs=1e-9)
+
+
+def test_cosine_schedule_survives_a_kill_and_resume_and_cannot_be_extended(tmp_path, tiny_mnist):
+    common = ["--data", str(tiny_mnist), "--results-dir", str(tmp_path), "--epochs", "40", "--batch-size", "16",
+              "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0", "--lr-schedule", "cosine"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "vae.py"), *common], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epochs(tmp_path, 2, process)
+    process.kill()
+    process.communicate()
+    assert not (tmp_path / "model.keras").exists(), "the run finished before it could be killed"
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    checkpoint = vae.load_saved_model(tmp_path / state["model_file"])
+    rate = float(checkpoint.optimizer.learning_rate)
+    assert 0 < rate < 1e-3  # part way down the cosine, not back at the constant rate
+    result = run_script("vae.py", *common, "--resume")
+    assert result.returncode == 0, result.stderr
+    final = vae.load_saved_model(tmp_path / "model.keras")
+    assert int(final.optimizer.iterations) == 40 * final.updates_per_epoch
+    assert float(final.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)  # the schedule ran to its end
+    refused = run_script("vae.py", *common[:4], "--epochs", "50", "--resume")
+    assert refused.returncode == 2
+    assert "schedule ends at epoch 40; resume with --epochs 40" in error_lines(refused.stderr)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +318,7 @@ def test_estimate_is_stable_for_extreme_log_weights():
 
 
 def test_interpolation_runs_between_posterior_means_of_different_classes():
-    args = argparse.Namespace(latent_dim=3, hidden_dim=8)
+    args = argparse.Namespace(latent_dim=3, hidden_dim=8, hidden_layers=1, activation="relu")
     model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args))
     labels = np.array([5, 0, 3, 3, 8, 1, 4])
     x = np.random.default_rng(0).random((7, 28, 28, 1)).astype(np.float32)
@@ -318,7 +365,7 @@ def test_chunking_does_not_change_the_estimate():
 
 
 def test_kl_weight_rises_linearly_over_the_warmup_epochs_then_stays_at_beta():
-    args = argparse.Namespace(latent_dim=2, hidden_dim=8)
+    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="relu")
     model = vae.VAE(vae.dense_encoder(args), vae.dense_decoder(args), beta=4.0, kl_warmup_epochs=2, updates_per_epoch=7)
     weights = [float(model.kl_weight(updates)) for updates in (0, 6, 7, 13, 14, 1000)]
     assert weights == [0.0, 0.0, 2.0, 2.0, 4.0, 4.0]
@@ -354,11 +401,11 @@ def test_warmup_continues_exactly_across_a_resume_and_the_elbo_stays_unweighted(
 
 
 def dense_model(policy, likelihood="gaussian"):
-    args = argparse.Namespace(latent_dim=2, hidden_dim=64, likelihood=likelihood, binarize="none", seed=0,
+    args = argparse.Namespace(latent_dim=2, hidden_dim=64, hidden_layers=1, activation="relu", likelihood=likelihood, binarize="none", seed=0,
                               dtype_policy=policy, beta=1.0, kl_warmup_epochs=0)
     model = vae.build_model(args, vae.dense_encoder, vae.dense_decoder)
     model(np.zeros((1, 28, 28, 1), np.float32))
-    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, xla=False, plain=False))
+    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", xla=False, plain=False))
     return model
 
 
@@ -431,6 +478,9 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     (["--epochs", "ten"], "invalid positive_int value"),
     (["--model", "x.keras"], "--model goes with --evaluate-only"),
     (["--resume", "--overwrite"], "choose one of"),
+    (["--hidden-layers", "0"], "--hidden-layers: must be a positive integer"),
+    (["--activation", "sigmoid"], "--activation: invalid choice: 'sigmoid'"),
+    (["--lr-schedule", "step"], "--lr-schedule: invalid choice: 'step'"),
     (["--fid", "pixel,fancy"], "unknown FID 'fancy': give none, all, or a comma-separated subset of pixel,classifier,inception"),
 ])
 def test_invalid_arguments_exit_2_with_one_line(capsys, args, message):
