@@ -40,19 +40,25 @@ def dropout(args):
 
 
 def conv_encoder(args):
-    """28x28x1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance)."""
+    """28x28x1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance);
+    --dense-layers N stacks N dense layers of --dense-units there."""
     x = keras.Input(vae.IMAGE_SHAPE)
     h = layers.Conv2D(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
     h = layers.Conv2D(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
-    h = dropout(args)(h)
-    h = layers.Dense(32, activation=args.activation)(layers.Flatten()(h))
+    h = layers.Flatten()(dropout(args)(h))
+    for _ in range(args.dense_layers):
+        h = layers.Dense(args.dense_units, activation=args.activation)(h)
     return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
 
 
 def conv_decoder(args):
-    """latent -> Dense(7*7*2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1, sigmoid)."""
+    """latent -> Dense(7*7*2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1, sigmoid);
+    --dense-layers N puts N - 1 dense layers of --dense-units first, mirroring the encoder."""
     z = keras.Input((args.latent_dim,))
-    h = layers.Dense(7 * 7 * 2 * args.filters, activation=args.activation)(z)
+    h = z
+    for _ in range(args.dense_layers - 1):
+        h = layers.Dense(args.dense_units, activation=args.activation)(h)
+    h = layers.Dense(7 * 7 * 2 * args.filters, activation=args.activation)(h)
     h = layers.Reshape((7, 7, 2 * args.filters))(h)
     h = layers.Conv2DTranspose(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
     h = layers.Conv2DTranspose(args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
@@ -64,8 +70,12 @@ def conv_decoder(args):
 
 def add_conv_arguments(group):
     group.add_argument("--filters", type=fid.positive_int, default=32, help="filters of the first convolution (the second has twice as many)")
+    group.add_argument("--dense-units", type=fid.positive_int, default=32,
+                       help="units of the dense layers between the convolutions and the latent code")
+    group.add_argument("--dense-layers", type=fid.positive_int, default=1,
+                       help="dense layers after the encoder's convolutions; the decoder gets one fewer before its own")
     group.add_argument("--dropout", type=vae.unit_interval, default=0.25, help="dropout rate, active only while training")
-    return ("filters", "dropout")
+    return ("filters", "dense_units", "dense_layers", "dropout")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def estimate(results_dir, policy, num_samples, test_size, data):
     import vae
 
     metrics = json.loads((results_dir / "metrics.json").read_text())
-    config = argparse.Namespace(**{"beta": 1.0, "kl_warmup_epochs": 0, "activation": "relu", "hidden_layers": 1, **metrics["config"], "dtype_policy": policy})
+    config = argparse.Namespace(**{"beta": 1.0, "kl_warmup_epochs": 0, "activation": "relu", "hidden_layers": 1, "dense_units": 32, "dense_layers": 1, **metrics["config"], "dtype_policy": policy})
     builders = ((conv_vae.conv_encoder, conv_vae.conv_decoder) if metrics["model"] == "Convolutional VAE"
                 else (vae.dense_encoder, vae.dense_decoder))
     x_test = vae.to_float_images(vae.load_mnist(data)[2][:test_size])

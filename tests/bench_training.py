@@ -160,7 +160,7 @@ def progress_frame_seconds(encoder, decoder, data, frames, repeats=20):
 
 def benchmark_model(name, script, build_encoder, build_decoder, batch_size, data, epochs, xla, floor_steps, policies):
     """Timed runs of each policy's fast path and of the plain path; returns seconds per epoch by path."""
-    architecture = argparse.Namespace(latent_dim=2, hidden_dim=256, hidden_layers=1, activation="relu", filters=32, dropout=0.25, plain=False)
+    architecture = argparse.Namespace(latent_dim=2, hidden_dim=256, hidden_layers=1, activation="relu", filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=False)
     gflop = epoch_gflop(build_encoder(architecture), build_decoder(architecture))
     print(f"\n{name} (batch {batch_size}): {gflop:.0f} GFLOP per epoch (60,000 training steps' worth of images, "
           "3 passes; test set, 1 pass)")
@@ -205,7 +205,7 @@ def main():
                             xla=True, floor_steps=937, policies=policies)
     conv = benchmark_model("Convolutional VAE", "conv_vae.py", conv_vae.conv_encoder, conv_vae.conv_decoder, 128,
                            args.data, args.epochs, xla=False, floor_steps=40, policies=policies)
-    defaults = argparse.Namespace(latent_dim=2, hidden_dim=256, hidden_layers=1, activation="relu", filters=32, dropout=0.25, plain=False)
+    defaults = argparse.Namespace(latent_dim=2, hidden_dim=256, hidden_layers=1, activation="relu", filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=False)
     for policy in policies:
         keras.config.set_dtype_policy(policy)
         profile_layers(f"Dense VAE, {policy}", vae.dense_encoder(defaults), vae.dense_decoder(defaults), 64, xla=True)

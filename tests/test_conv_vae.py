@@ -57,7 +57,7 @@ def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
 
 @pytest.mark.parametrize("plain, dropout", [(False, "ByteDropout"), (True, "Dropout")])
 def test_architecture_matches_the_original(plain, dropout):
-    args = argparse.Namespace(latent_dim=2, filters=32, dropout=0.25, plain=plain, activation="relu")
+    args = argparse.Namespace(latent_dim=2, filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=plain, activation="relu")
     encoder, decoder = conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)
     assert [layer.__class__.__name__ for layer in encoder.layers[1:]] == [
         "Conv2D", "Conv2D", dropout, "Flatten", "Dense", "Dense", "Dense"]
@@ -67,16 +67,17 @@ def test_architecture_matches_the_original(plain, dropout):
     assert decoder.output.shape == (None, 28, 28, 1) and decoder.layers[-1].get_config()["activation"] == "sigmoid"
 
 
-def test_activation_reaches_every_hidden_layer():
-    args = argparse.Namespace(latent_dim=2, filters=4, dropout=0.0, plain=False, activation="elu")
+def test_activation_and_dense_layers_reach_both_networks():
+    args = argparse.Namespace(latent_dim=2, filters=4, dense_units=16, dense_layers=2, dropout=0.0, plain=False, activation="elu")
     hidden = [layer for network in (conv_vae.conv_encoder(args), conv_vae.conv_decoder(args)) for layer in network.layers
               if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose, keras.layers.Dense)) and layer.name not in ("z_mean", "z_log_var")
               and not (isinstance(layer, keras.layers.Conv2DTranspose) and layer.filters == 1)]
-    assert len(hidden) == 6 and {layer.get_config()["activation"] for layer in hidden} == {"elu"}
+    assert len(hidden) == 8 and {layer.get_config()["activation"] for layer in hidden} == {"elu"}
+    assert [layer.units for layer in hidden if isinstance(layer, keras.layers.Dense)] == [16, 16, 16, 7 * 7 * 8]
 
 
 def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
-    args = argparse.Namespace(latent_dim=2, filters=8, dropout=0.25, plain=False, activation="relu", dtype_policy="mixed_bfloat16",
+    args = argparse.Namespace(latent_dim=2, filters=8, dense_units=32, dense_layers=1, dropout=0.25, plain=False, activation="relu", dtype_policy="mixed_bfloat16",
                               likelihood="gaussian", binarize="none", seed=0, beta=1.0, kl_warmup_epochs=0)
     model = vae.build_model(args, conv_vae.conv_encoder, conv_vae.conv_decoder)
     x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
@@ -119,6 +120,7 @@ def test_byte_dropout_leaves_rates_bytes_cannot_express_to_keras():
 @pytest.mark.parametrize("args, message", [
     (["--filters", "0"], "--filters: must be a positive integer"),
     (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
+    (["--dense-units", "0"], "--dense-units: must be a positive integer"),
     (["--data", "/nonexistent/mnist.npz"], "no such file or directory"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
