@@ -45,9 +45,7 @@ def conv_encoder(args):
     x = keras.Input(vae.IMAGE_SHAPE)
     h = layers.Conv2D(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
     h = layers.Conv2D(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
-    h = layers.Flatten()(dropout(args)(h))
-    for _ in range(args.dense_layers):
-        h = layers.Dense(args.dense_units, activation=args.activation)(h)
+    h = vae.dense_layers(layers.Flatten()(dropout(args)(h)), args.dense_units, args.dense_layers, args.activation)
     return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
 
 
@@ -55,9 +53,7 @@ def conv_decoder(args):
     """latent -> Dense(7*7*2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1, sigmoid);
     --dense-layers N puts N - 1 dense layers of --dense-units first, mirroring the encoder."""
     z = keras.Input((args.latent_dim,))
-    h = z
-    for _ in range(args.dense_layers - 1):
-        h = layers.Dense(args.dense_units, activation=args.activation)(h)
+    h = vae.dense_layers(z, args.dense_units, args.dense_layers - 1, args.activation)
     h = layers.Dense(7 * 7 * 2 * args.filters, activation=args.activation)(h)
     h = layers.Reshape((7, 7, 2 * args.filters))(h)
     h = layers.Conv2DTranspose(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)

@@ -324,22 +324,25 @@ def posterior_head(h, latent_dim):
     return z_mean, z_log_var
 
 
+def dense_layers(h, units, count, activation):
+    """count Dense(units, activation) layers on h: the hidden stacks of both scripts' networks."""
+    for _ in range(count):
+        h = layers.Dense(units, activation=activation)(h)
+    return h
+
+
 def dense_encoder(args):
     """784 -> Dense(hidden, relu) -> (mean, log-variance), as in the original; --hidden-layers
     stacks more hidden layers of the same width."""
     x = keras.Input(IMAGE_SHAPE)
-    h = layers.Flatten()(x)
-    for _ in range(args.hidden_layers):
-        h = layers.Dense(args.hidden_dim, activation=args.activation)(h)
+    h = dense_layers(layers.Flatten()(x), args.hidden_dim, args.hidden_layers, args.activation)
     return keras.Model(x, posterior_head(h, args.latent_dim), name="encoder")
 
 
 def dense_decoder(args):
     """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original (mirrors the encoder)."""
     z = keras.Input((args.latent_dim,))
-    h = z
-    for _ in range(args.hidden_layers):
-        h = layers.Dense(args.hidden_dim, activation=args.activation)(h)
+    h = dense_layers(z, args.hidden_dim, args.hidden_layers, args.activation)
     x_hat = layers.Dense(math.prod(IMAGE_SHAPE), activation="sigmoid", dtype="float32")(h)  # see posterior_head
     return keras.Model(z, layers.Reshape(IMAGE_SHAPE, dtype="float32")(x_hat), name="decoder")
 
