@@ -909,11 +909,11 @@ def evaluate(model, args, title, results_dir, x_test, y_test, mnist, inception, 
     save_figure(plot_utils.samples(samples[:100], title=title), results_dir / "samples.png")
 
     if args.iw_samples:
-        start = time.perf_counter()
+        iw_start = time.perf_counter()
         log_likelihood = importance_weighted_log_likelihood(model, test_images, args.iw_samples, args.seed, xla=args.xla,
                                                             posterior=posterior)
         metrics.update(test_log_likelihood_iw=float(np.mean(log_likelihood)), iw_samples=args.iw_samples,
-                       iw_seconds=round(time.perf_counter() - start, 2))
+                       iw_seconds=round(time.perf_counter() - iw_start, 2))
     metrics.update(fids(args, test_images, reconstructions, samples, mnist, inception, inception_error))
     metrics["evaluation_seconds"] = round(time.perf_counter() - start, 2)
     return metrics
