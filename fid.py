@@ -16,6 +16,7 @@ Command line, in the style of pytorch-fid (`python -m pytorch_fid A B`):
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,69 @@ INCEPTION_INPUT_SHAPE = (299, 299, 3)
 SQRTM_EPS = 1e-6
 MAX_IMAGINARY_COMPONENT = 1e-3  # pytorch-fid's tolerance on the diagonal of sqrtm
 LUMINANCE_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, for RGB inputs
+
+
+# ---- Shared command-line helpers and I/O (vae.py and conv_vae.py use them too) ----
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: 0 or less fails at parse time, with the usage line."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type for counts where 0 means "none" (e.g. warm-up epochs, extra samples)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type for rates and weights: NaN and inf would not fail until training."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def unit_interval(text):
+    """argparse type for fractions such as dropout, where 1 would drop everything."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors in the same single `PROG: error: ...` line as every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def atomic_write(path, write):
+    """Call write(temporary_path) beside path, then rename onto it (atomic on one file system):
+    a full disk or a Ctrl-C mid-write never leaves a truncated file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds up to 90 s, minutes above: for the estimates printed before long passes."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+# ---- Fréchet distance and image statistics ----
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,14 +161,16 @@ def check_images(images, *, flat_allowed=False) -> np.ndarray:
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3 and not (flat_allowed and images.ndim == 2):
-        expected = "(N, H, W), (N, H, W, 1) or (N, D)" if flat_allowed else "(N, H, W) or (N, H, W, 1)"
+        expected = ("(N, H, W), (N, H, W, 1) or (N, D)" if flat_allowed
+                    else "(N, H, W) or (N, H, W, 1)")
         raise ValueError(f"expected grayscale images shaped {expected}, got shape {images.shape}")
     if len(images) < 2:
         raise ValueError(f"need at least 2 images for a covariance, got {len(images)}")
     if images.dtype == np.uint8:
         return images
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got dtype {images.dtype}")
+        raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], "
+                         f"got dtype {images.dtype}")
     low, high = images.min(), images.max()
     if not (0 <= low and high <= 1):  # also false for NaN and inf
         raise ValueError(f"float images must lie in [0, 1], got values from {low} to {high}")
@@ -156,7 +222,8 @@ def load_inception(weights="imagenet", dtype_policy="float32"):
                                                input_shape=INCEPTION_INPUT_SHAPE, weights=weights)
     except Exception as error:  # Keras raises a bare Exception when the download fails
         reason = " ".join(str(error).split())
-        raise InceptionUnavailable(f"cannot load Inception weights {weights!r}: {reason}") from error
+        raise InceptionUnavailable(
+            f"cannot load Inception weights {weights!r}: {reason}") from error
     finally:
         keras.config.set_dtype_policy("float32")
     model.weights_sha256 = weights_sha256(model)
@@ -169,8 +236,12 @@ def inception_preprocess(images):
     return tf.image.grayscale_to_rgb(resized) * 2.0 - 1.0
 
 
-def format_duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+class StderrProgbar(keras.utils.Progbar):
+    """keras.utils.Progbar on stderr: stdout carries only results (`python fid.py A B > out`)."""
+
+    def update(self, current, values=None, finalize=None):
+        with contextlib.redirect_stdout(sys.stderr):
+            super().update(current, values, finalize)
 
 
 def inception_statistics(images, model, batch_size=50, verbose=True, skip_hint="") -> Statistics:
@@ -181,31 +252,30 @@ def inception_statistics(images, model, batch_size=50, verbose=True, skip_hint="
     """
     images = check_images(images)
     total = len(images)
-    # jit_compile=True (XLA) measured slower on CPU (tests/bench_fid.py), so it stays off;
-    # the signature leaves batch and image size open so the last, smaller batch reuses the graph.
+    # XLA (jit_compile=True) is slower for Inception on CPU, so it stays off. The signature leaves
+    # batch and image size open, so the last, smaller batch reuses the graph.
     extract_features = tf.function(
         lambda batch: tf.cast(model(inception_preprocess(batch), training=False), tf.float32),
         input_signature=[tf.TensorSpec((None, None, None), tf.float32)])
     if verbose:
         print(f"fid: computing Inception features of {total} images (batch size {batch_size})",
               file=sys.stderr)
-        extract_features(to_unit_float(images[:1], np.float32))  # trace now so the estimate is fair
+        extract_features(to_unit_float(images[:1], np.float32))  # trace first: timings leave it out
+    progress = StderrProgbar(total, verbose=int(verbose), unit_name="image")
+    start_time = time.perf_counter()
     feature_sum = np.zeros(model.output_shape[-1])
     outer_product_sum = np.zeros((feature_sum.size, feature_sum.size))
-    start_time = time.perf_counter()
     for start in range(0, total, batch_size):
         batch = to_unit_float(images[start:start + batch_size], np.float32)
         features = extract_features(batch).numpy().astype(np.float64)
         feature_sum += features.sum(axis=0)
         outer_product_sum += features.T @ features
-        if verbose:
-            done = start + len(batch)
+        done = start + len(batch)
+        if verbose and start == 0:
             elapsed = time.perf_counter() - start_time
-            if start == 0:
-                print(f"fid: first batch took {elapsed:.1f} s, estimated total "
-                      f"{format_duration(elapsed * total / done)}{skip_hint}", file=sys.stderr)
-            print(f"\rfid: {done}/{total} images, {done / elapsed:.1f} images/s",
-                  end="\n" if done == total else "", file=sys.stderr, flush=True)
+            print(f"fid: first batch took {elapsed:.1f} s, estimated total "
+                  f"{format_duration(elapsed * total / done)}{skip_hint}", file=sys.stderr)
+        progress.update(done)
     mu = feature_sum / total
     sigma = (outer_product_sum - total * np.outer(mu, mu)) / (total - 1)  # N-1, like numpy.cov
     return Statistics(mu=mu, sigma=sigma, n=total, features="inception")
@@ -218,7 +288,7 @@ def default_cache_dir() -> Path:
 
 
 def statistics_fingerprint(images: np.ndarray, features: str, network=None) -> str:
-    """sha256 of everything the statistics depend on: image bytes, shape, dtype, features, weights."""
+    """sha256 of what the statistics depend on: image bytes, shape, dtype, features, weights."""
     digest = hashlib.sha256()
     weights = network.weights_sha256 if features != "pixel" else ""
     if features != "pixel" and network.dtype_policy.name != "float32":
@@ -226,19 +296,6 @@ def statistics_fingerprint(images: np.ndarray, features: str, network=None) -> s
     digest.update(f"{features}|{images.dtype.str}|{images.shape}|{weights}|".encode())
     digest.update(np.ascontiguousarray(images).tobytes())
     return digest.hexdigest()
-
-
-def atomic_write(path, write):
-    """Call write(temporary_path) beside path, then rename onto it (atomic on one file system):
-    a full disk or a Ctrl-C mid-write never leaves a truncated file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def save_statistics(path, statistics: Statistics, **extra_arrays):
@@ -270,7 +327,8 @@ def statistics_from_arrays(arrays: dict, path) -> Statistics:
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     features = str(arrays["features"])
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+        raise ValueError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} "
+                         f"do not match")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"statistics file {path} contains NaN or infinite values")
     if features not in FEATURE_KINDS:
@@ -292,14 +350,16 @@ def compute_statistics(images, features="pixel", network=None, batch_size=50,
     if features == "inception" and network is None:
         network = load_inception()
     if features == "classifier" and network is None:
-        raise ValueError("classifier features need a classifier (load_or_train_classifier or load_classifier)")
+        raise ValueError("classifier features need a classifier "
+                         "(load_or_train_classifier or load_classifier)")
 
     def compute():
         if features == "pixel":
             return pixel_statistics(images)
         if features == "classifier":
             return classifier_statistics(images, network)
-        return inception_statistics(images, network, batch_size=batch_size, verbose=verbose, skip_hint=skip_hint)
+        return inception_statistics(images, network, batch_size=batch_size, verbose=verbose,
+                                    skip_hint=skip_hint)
 
     if cache_dir is None:
         return compute()
@@ -321,39 +381,52 @@ def compute_statistics(images, features="pixel", network=None, batch_size=50,
     return statistics
 
 
-# ---------------------------------------------------------------- digit classifier
+# ---- Digit classifier ----
 
 # How the classifier is trained: part of its cache key, so a change here trains a new one.
-# Measured on MNIST: 99.2% test accuracy after these 3 epochs (README, "Three FIDs").
+# These 3 epochs reach 99.2% test accuracy on MNIST (README, "Three FIDs").
 CLASSIFIER_RECIPE = {"epochs": 3, "batch_size": 128, "learning_rate": 3e-3, "seed": 0}
-CLASSIFIER_PROGRESS_EVERY = 50  # training steps between progress lines
+CLASSIFIER_ESTIMATE_STEP = 20  # training step after which the training time is estimated
+MIN_CLASSIFIER_IMAGE_SIDE = 10  # two 3x3 convolutions and two 2x2 poolings leave 1 pixel
 
 
-def build_classifier(seed=CLASSIFIER_RECIPE["seed"]):
-    """LeNet-style digit classifier: Conv(32) - pool - Conv(64) - pool - Dense(128) - Dense(10) logits.
+def build_classifier(train_images, train_labels, seed=CLASSIFIER_RECIPE["seed"]):
+    """LeNet-style classifier for images shaped like train_images, with one logit per label from 0
+    to the largest in train_labels: Conv(32) - pool - Conv(64) - pool - Dense(128) - Dense logits.
 
     The FID uses its 128-d ReLU layer (the penultimate one, named "features"). Every layer is
     named and every initializer seeded, so the definition (part of the cache key) and the
     trained weights are the same in every process.
     """
+    height, width = check_images(train_images).shape[1:]
+    if min(height, width) < MIN_CLASSIFIER_IMAGE_SIDE:
+        raise ValueError(f"the digit classifier needs images of at least "
+                         f"{MIN_CLASSIFIER_IMAGE_SIDE}x{MIN_CLASSIFIER_IMAGE_SIDE} pixels, "
+                         f"got {height}x{width}")
+    classes = int(np.max(train_labels)) + 1
+
     def initializer(index):
         return keras.initializers.GlorotUniform(seed=seed + index)
 
-    inputs = keras.Input((28, 28, 1), name="image")
-    h = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=initializer(1), name="conv1")(inputs)
+    inputs = keras.Input((height, width, 1), name="image")
+    h = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=initializer(1),
+                            name="conv1")(inputs)
     h = keras.layers.MaxPooling2D(name="pool1")(h)
-    h = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=initializer(2), name="conv2")(h)
+    h = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=initializer(2),
+                            name="conv2")(h)
     h = keras.layers.MaxPooling2D(name="pool2")(h)
     h = keras.layers.Flatten(name="flatten")(h)
-    h = keras.layers.Dense(128, activation="relu", kernel_initializer=initializer(3), name="features")(h)
-    logits = keras.layers.Dense(10, kernel_initializer=initializer(4), name="logits")(h)
+    h = keras.layers.Dense(128, activation="relu", kernel_initializer=initializer(3),
+                           name="features")(h)
+    logits = keras.layers.Dense(classes, kernel_initializer=initializer(4), name="logits")(h)
     return keras.Model(inputs, logits, name="digit_classifier")
 
 
 def classifier_key(train_images, train_labels) -> str:
-    """sha256 of what the trained classifier depends on: its definition, recipe and training data."""
+    """sha256 of what the trained classifier depends on: definition, recipe and training data."""
+    definition = build_classifier(train_images, train_labels).to_json()
     digest = hashlib.sha256()
-    digest.update(json.dumps([CLASSIFIER_RECIPE, build_classifier().to_json()], sort_keys=True).encode())
+    digest.update(json.dumps([CLASSIFIER_RECIPE, definition], sort_keys=True).encode())
     for array in (train_images, train_labels):
         digest.update(f"|{array.dtype.str}|{array.shape}|".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -361,30 +434,32 @@ def classifier_key(train_images, train_labels) -> str:
 
 
 class ClassifierProgress(keras.callbacks.Callback):
-    """A progress line, and after the first steps an estimate of the whole training time."""
+    """A line estimating the whole training time after CLASSIFIER_ESTIMATE_STEP steps, then a
+    progress bar over the steps of all epochs (one object serves the per-epoch fit calls)."""
 
     def __init__(self, total_steps, skip_hint):
         super().__init__()
         self.total_steps, self.skip_hint, self.steps = total_steps, skip_hint, 0
-        self.start = time.perf_counter()  # one object across the per-epoch fit calls
+        self.estimate_step = min(CLASSIFIER_ESTIMATE_STEP, total_steps)
+        self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
-        elapsed = time.perf_counter() - self.start
-        if self.steps == 1:
-            self.first_step = elapsed  # holds the tracing: left out of the per-step rate
-        rate = (elapsed - self.first_step) / max(self.steps - 1, 1)
-        remaining = rate * (self.total_steps - self.steps)
-        if self.steps == 20:
-            print(f"fid: training the classifier takes about {format_duration(elapsed + remaining)}{self.skip_hint}",
-                  file=sys.stderr)
-        if self.steps % CLASSIFIER_PROGRESS_EVERY == 0 or self.steps == self.total_steps:
-            print(f"\rfid: classifier training {self.steps}/{self.total_steps} steps, "
-                  f"{elapsed:.0f} s elapsed, ~{remaining:.0f} s left", end="\n" if self.steps == self.total_steps else "",
-                  file=sys.stderr, flush=True)
+        if self.steps == 1:  # the first step holds the tracing: the rates leave it out
+            self.first_step_end = time.perf_counter()
+            self.progbar = StderrProgbar(self.total_steps)
+        if self.steps == self.estimate_step:
+            now = time.perf_counter()
+            rate = (now - self.first_step_end) / max(self.steps - 1, 1)
+            estimate = now - self.start + rate * (self.total_steps - self.steps)
+            print(f"fid: training the classifier takes about {format_duration(estimate)}"
+                  f"{self.skip_hint}", file=sys.stderr)
+        if self.steps >= self.estimate_step:  # the bar starts below the estimate
+            self.progbar.update(self.steps)
 
 
-def train_classifier(train_images, train_labels, test_images, test_labels, verbose=True, skip_hint=""):
+def train_classifier(train_images, train_labels, test_images, test_labels, verbose=True,
+                     skip_hint=""):
     """The classifier trained from its fixed seed by CLASSIFIER_RECIPE; test_accuracy set on it.
 
     Each epoch sees the training set in a fresh seeded order (NumPy permutations, not TensorFlow's
@@ -393,30 +468,34 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     train_images = check_images(train_images)
     train_labels = np.asarray(train_labels).astype(np.int32)
     if train_labels.shape != (len(train_images),):
-        raise ValueError(f"labels shaped {train_labels.shape} do not match {len(train_images)} images")
+        raise ValueError(f"labels shaped {train_labels.shape} do not match "
+                         f"{len(train_images)} images")
     recipe = CLASSIFIER_RECIPE
     total_steps = recipe["epochs"] * math.ceil(len(train_images) / recipe["batch_size"])
-    model = build_classifier(recipe["seed"])
+    model = build_classifier(train_images, train_labels, recipe["seed"])
     schedule = keras.optimizers.schedules.CosineDecay(recipe["learning_rate"], total_steps)
-    model.compile(keras.optimizers.Adam(schedule), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    model.compile(keras.optimizers.Adam(schedule),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     if verbose:
-        print(f"fid: training the digit classifier on {len(train_images)} images ({recipe['epochs']} epochs, "
-              f"from seed {recipe['seed']})", file=sys.stderr)
+        print(f"fid: training the digit classifier on {len(train_images)} images "
+              f"({recipe['epochs']} epochs, from seed {recipe['seed']})", file=sys.stderr)
     callbacks = [ClassifierProgress(total_steps, skip_hint)] if verbose else []
     x = to_unit_float(train_images, np.float32)[..., None]
     rng = np.random.default_rng(recipe["seed"])
     for epoch in range(recipe["epochs"]):
         order = rng.permutation(len(x))
-        batches = tf.data.Dataset.from_tensor_slices((x[order], train_labels[order])).batch(recipe["batch_size"])
-        model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0, callbacks=callbacks)
+        examples = tf.data.Dataset.from_tensor_slices((x[order], train_labels[order]))
+        model.fit(examples.batch(recipe["batch_size"]), epochs=epoch + 1, initial_epoch=epoch,
+                  shuffle=False, verbose=0, callbacks=callbacks)
     model.test_accuracy = classifier_accuracy(model, test_images, test_labels)
     model.weights_sha256 = weights_sha256(model)
     return model
 
 
 def classifier_accuracy(model, images, labels) -> float:
-    logits = model.predict(to_unit_float(check_images(images), np.float32)[..., None], batch_size=1000, verbose=0)
+    inputs = to_unit_float(check_images(images), np.float32)[..., None]
+    logits = model.predict(inputs, batch_size=1000, verbose=0)
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
 
 
@@ -429,11 +508,13 @@ def load_classifier(path):
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:
-        raise ValueError(f"cannot load classifier {path}: {' '.join(str(error).split())[:200]}") from error
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"cannot load classifier {path}: {reason}") from error
     if len(model.inputs) != 1 or len(model.layers) < 2:
         raise ValueError(f"{path} is not a classifier with one input and a penultimate layer")
     info = path.with_suffix(".json")
-    model.test_accuracy = json.loads(info.read_text()).get("test_accuracy") if info.is_file() else None
+    model.test_accuracy = (json.loads(info.read_text()).get("test_accuracy") if info.is_file()
+                           else None)
     model.weights_sha256 = weights_sha256(model)
     return model
 
@@ -451,14 +532,15 @@ def load_or_train_classifier(train_images, train_labels, test_images, test_label
         try:
             model = load_classifier(path)
             if verbose:
-                print(f"fid: using cached classifier {path} (test accuracy {model.test_accuracy:.2%})",
-                      file=sys.stderr)
+                print(f"fid: using cached classifier {path} "
+                      f"(test accuracy {model.test_accuracy:.2%})", file=sys.stderr)
             return model
         except (ValueError, OSError) as error:  # a damaged entry is retrained and replaced
             if verbose:
                 print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
     start = time.perf_counter()
-    model = train_classifier(train_images, train_labels, test_images, test_labels, verbose, skip_hint)
+    model = train_classifier(train_images, train_labels, test_images, test_labels, verbose,
+                             skip_hint)
     seconds = time.perf_counter() - start
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, model.save)
@@ -466,14 +548,15 @@ def load_or_train_classifier(train_images, train_labels, test_images, test_label
         {"key": key, "test_accuracy": model.test_accuracy, "training_images": len(train_images),
          "training_seconds": round(seconds, 1), "recipe": CLASSIFIER_RECIPE}, indent=2) + "\n"))
     if verbose:
-        print(f"fid: classifier test accuracy {model.test_accuracy:.2%}, trained in {seconds:.0f} s, cached in {path}",
-              file=sys.stderr)
+        print(f"fid: classifier test accuracy {model.test_accuracy:.2%}, "
+              f"trained in {seconds:.0f} s, cached in {path}", file=sys.stderr)
     return model
 
 
 def newest_cached_classifier(cache_dir=None):
-    """The most recently trained classifier in the cache, for the command line; None if there is none."""
-    cached = sorted(Path(cache_dir or default_cache_dir()).glob("classifier-*.keras"), key=lambda p: p.stat().st_mtime)
+    """The most recently trained classifier in the cache, for the command line; None if none."""
+    cached = sorted(Path(cache_dir or default_cache_dir()).glob("classifier-*.keras"),
+                    key=lambda path: path.stat().st_mtime)
     return cached[-1] if cached else None
 
 
@@ -481,18 +564,21 @@ def classifier_statistics(images, classifier, batch_size=1000) -> Statistics:
     """Mean and covariance of the classifier's penultimate-layer activations, in float64."""
     images = check_images(images)
     if images.shape[1:] != tuple(classifier.inputs[0].shape[1:3]):
-        raise ValueError(f"the classifier takes {classifier.inputs[0].shape[1]}x{classifier.inputs[0].shape[2]} "
-                         f"images, got {images.shape[1]}x{images.shape[2]}")
+        height, width = classifier.inputs[0].shape[1:3]
+        raise ValueError(f"the classifier takes {height}x{width} images, "
+                         f"got {images.shape[1]}x{images.shape[2]}")
     extractor = keras.Model(classifier.input, classifier.layers[-2].output)
-    features = np.concatenate([  # eager calls: predict would trace a new function for each extractor
-        ops.convert_to_numpy(extractor(to_unit_float(images[start:start + batch_size], np.float32)[..., None]))
+    # Eager calls: predict would trace a new function for each extractor.
+    features = np.concatenate([
+        ops.convert_to_numpy(extractor(
+            to_unit_float(images[start:start + batch_size], np.float32)[..., None]))
         for start in range(0, len(images), batch_size)])
     features = features.reshape(len(images), -1).astype(np.float64)
     return Statistics(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), n=len(images),
                       features="classifier")
 
 
-# ---------------------------------------------------------------- command line
+# ---- Command line ----
 
 
 def read_png_folder(folder: Path, max_samples=None) -> np.ndarray:
@@ -504,7 +590,7 @@ def read_png_folder(folder: Path, max_samples=None) -> np.ndarray:
     for path in paths[:max_samples]:
         try:
             image = matplotlib.image.imread(path)
-        except (OSError, ValueError, SyntaxError) as error:  # Pillow reports broken PNGs as SyntaxError
+        except (OSError, ValueError, SyntaxError) as error:  # Pillow's error for a broken PNG
             raise ValueError(f"cannot read image {path}: {error}") from error
         if image.ndim == 3 and image.shape[-1] >= 3:
             image = np.clip(image[..., :3] @ LUMINANCE_WEIGHTS, 0, 1).astype(np.float32)
@@ -512,7 +598,8 @@ def read_png_folder(folder: Path, max_samples=None) -> np.ndarray:
             image = image[..., 0]
         if images and image.shape != images[0].shape:
             raise ValueError(f"{path} is {image.shape[0]}x{image.shape[1]} but {paths[0]} is "
-                             f"{images[0].shape[0]}x{images[0].shape[1]}; a set must share one size")
+                             f"{images[0].shape[0]}x{images[0].shape[1]}; "
+                             f"a set must share one size")
         images.append(image)
     return np.stack(images)
 
@@ -522,8 +609,8 @@ def choose_array(arrays: dict, key, path) -> np.ndarray:
     if len(arrays) == 1:
         return next(iter(arrays.values()))
     if key not in arrays:
-        raise ValueError(f"{path} has no array {key!r}; its arrays are: {', '.join(arrays) or 'none'}"
-                         f" (choose one with --key)")
+        raise ValueError(f"{path} has no array {key!r}; "
+                         f"its arrays are: {', '.join(arrays) or 'none'} (choose one with --key)")
     return arrays[key]
 
 
@@ -540,37 +627,24 @@ def read_input(path: str, key="images", max_samples=None):
     return choose_array(arrays, key, path)[:max_samples]
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage errors in the same single `fid.py: error: ...` line as every other error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="fid.py",
         description="Fréchet distance between two image sets in Inception, classifier or pixel "
-                    "features. Each of A and B is an .npz of images (uint8 0-255 or float in [0, 1]), "
-                    "a folder of PNG images, or a statistics file written by --save-stats.")
+                    "features. Each of A and B is an .npz of images (uint8 0-255 or float in "
+                    "[0, 1]), a folder of PNG images, or a statistics file written by "
+                    "--save-stats.")
     parser.add_argument("a", metavar="A", help="first set; with --save-stats: the images")
     parser.add_argument("b", metavar="B", help="second set; with --save-stats: the .npz to write")
     parser.add_argument("--save-stats", action="store_true",
                         help="write the statistics (mu, sigma, n, features) of A to B")
     parser.add_argument("--features", choices=FEATURE_KINDS, default="inception",
-                        help="Inception pool features (the standard FID), the penultimate layer of a "
-                             "digit classifier trained on the data (see --classifier), or raw pixels, "
-                             "the original repo's metric (default: %(default)s)")
+                        help="Inception pool features (the standard FID), the penultimate layer "
+                             "of a digit classifier trained on the data (see --classifier), or raw "
+                             "pixels, the original repo's metric (default: %(default)s)")
     parser.add_argument("--classifier", metavar="PATH",
-                        help="with --features classifier: a .keras classifier; default: the newest one "
-                             "that vae.py or conv_vae.py trained and cached")
+                        help="with --features classifier: a .keras classifier; default: the "
+                             "newest one that vae.py or conv_vae.py trained and cached")
     parser.add_argument("--inception-weights", default="imagenet", metavar="WEIGHTS",
                         help='"imagenet" (downloaded by Keras) or a path to a Keras weights file, '
                              "for machines without internet (default: %(default)s)")
@@ -586,14 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_line_classifier(path):
-    """--classifier PATH, else the newest cached classifier, else an error that says how to get one."""
+    """--classifier PATH, else the newest cached classifier, else an error saying how to get one."""
     if path is None:
         path = newest_cached_classifier()
         if path is None:
-            raise ValueError(f"no cached digit classifier in {default_cache_dir()}: run vae.py or conv_vae.py once "
-                             "with --data pointing at the training set (their default --fid trains and caches "
-                             "one), or pass --classifier PATH to a .keras classifier")
-        print(f"fid: using the newest cached classifier {path} (--classifier chooses another)", file=sys.stderr)
+            raise ValueError(f"no cached digit classifier in {default_cache_dir()}: run vae.py or "
+                             "conv_vae.py once with --data pointing at the training set (their "
+                             "default --fid trains and caches one), or pass --classifier PATH to a "
+                             ".keras classifier")
+        print(f"fid: using the newest cached classifier {path} (--classifier chooses another)",
+              file=sys.stderr)
     classifier = load_classifier(path)
     if classifier.test_accuracy is not None:
         print(f"fid: classifier test accuracy {classifier.test_accuracy:.2%}", file=sys.stderr)
@@ -601,12 +677,13 @@ def command_line_classifier(path):
 
 
 def run_command(args) -> None:
-    """Everything main does after parsing; input problems raise ValueError or InceptionUnavailable."""
+    """What main does after parsing; input problems raise ValueError or InceptionUnavailable."""
     paths = [args.a] if args.save_stats else [args.a, args.b]
     inputs = [read_input(path, args.key, args.max_samples) for path in paths]
     for path, item in zip(paths, inputs):
         if isinstance(item, Statistics) and item.features != args.features:
-            raise ValueError(f"{path} holds {item.features} statistics, but --features is {args.features}")
+            raise ValueError(f"{path} holds {item.features} statistics, "
+                             f"but --features is {args.features}")
         if not isinstance(item, Statistics):  # fail before the slow part, not after it
             try:
                 check_images(item, flat_allowed=args.features == "pixel")
@@ -627,7 +704,8 @@ def run_command(args) -> None:
         save_statistics(args.b, statistics[0])
         print(f"saved {args.features} statistics of {statistics[0].n} images to {args.b}")
     else:
-        distance = round(frechet_distance(*statistics), 4) + 0.0  # + 0.0: no "-0.0000" from round-off
+        # + 0.0: no "-0.0000" from round-off
+        distance = round(frechet_distance(*statistics), 4) + 0.0
         print(f"FID ({args.features}): {distance:.4f}")
 
 

@@ -1,10 +1,9 @@
 """Every figure of the project, and only figures.
 
-Each function builds and returns a `matplotlib.figure.Figure` from arrays the
-caller computed; saving and closing it is the caller's job.  Figures are made
-with `Figure` directly (not pyplot) so that none is left open in pyplot's
-registry.  Digits are drawn white on black (cmap "gray", values in [0, 1]), as
-MNIST stores them.
+Each function builds and returns a `matplotlib.figure.Figure` from arrays the caller computed;
+saving and closing it is the caller's job. Figures are made with `Figure` directly (not pyplot) so
+that none is left open in pyplot's registry. Digits are drawn white on black (cmap "gray", values
+in [0, 1]), as MNIST stores them.
 """
 
 import math
@@ -14,27 +13,24 @@ import matplotlib
 matplotlib.use("Agg")  # scripts run headless; never open a window
 
 import numpy as np
-from matplotlib.colors import BoundaryNorm
+from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 120
 DIGIT_CMAP = "gray"
 GAP_VALUE = 0.5  # mid-gray separators stand out against black digit backgrounds
-LOSS_PANELS = (
-    ("loss", "total"),
-    ("reconstruction_loss", "reconstruction"),
-    ("kl_loss", "KL divergence"),
-)
+# History key -> panel title; a new loss term of the model needs only a new entry here.
+LOSS_PANELS = {"loss": "total", "reconstruction_loss": "reconstruction", "kl_loss": "KL divergence"}
 
 
-def _new_figure(width, height):
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+def _new_figure(width, height, layout="constrained"):
+    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
 def _as_images(images, ndim):
-    """Float array with any trailing channel axis of size 1 dropped, so
-    (N, 28, 28) and (N, 28, 28, 1) are both accepted."""
+    """Float array with any trailing channel axis of size 1 dropped, so (N, 28, 28) and
+    (N, 28, 28, 1) are both accepted."""
     images = np.asarray(images, dtype=float)
     if images.ndim == ndim + 1 and images.shape[-1] == 1:
         images = images[..., 0]
@@ -44,14 +40,11 @@ def _as_images(images, ndim):
 
 
 def _tile(cells, ncols, gap):
-    """One mosaic image of `cells` (N, h, w) in rows of `ncols`, separated by
-    `gap` pixels of GAP_VALUE; one imshow is much faster and crisper than
-    one axes per image."""
+    """One mosaic image of `cells` (N, h, w) in rows of `ncols`, separated by `gap` pixels of
+    GAP_VALUE; one imshow is much faster and crisper than one axes per image."""
     n, h, w = cells.shape
     nrows = math.ceil(n / ncols)
-    mosaic = np.full(
-        (nrows * (h + gap) - gap, ncols * (w + gap) - gap), GAP_VALUE
-    )
+    mosaic = np.full((nrows * (h + gap) - gap, ncols * (w + gap) - gap), GAP_VALUE)
     for k, cell in enumerate(cells):
         row, col = divmod(k, ncols)
         top, left = row * (h + gap), col * (w + gap)
@@ -65,33 +58,45 @@ def _show_digits(ax, mosaic):
     ax.set_yticks([])
 
 
+def _class_colours(count):
+    """`count` qualitative colours, tab10's or tab20's while they suffice (they tell classes apart
+    best), else evenly spaced along turbo."""
+    for name in ("tab10", "tab20"):
+        colours = matplotlib.colormaps[name].colors
+        if count <= len(colours):
+            return colours[:count]
+    return matplotlib.colormaps["turbo"](np.linspace(0, 1, count))
+
+
 def total_title(history):
-    """The total's panel says what it sums when the KL term is weighted (--beta, --kl-warmup-epochs)."""
+    """The total's panel says what it sums when the KL term is weighted (--beta,
+    --kl-warmup-epochs)."""
     if "kl_weight" not in history:
         return "total"
     low, high = min(history["kl_weight"]), max(history["kl_weight"])
-    return f"total (KL weight {high:g})" if low == high else f"total (KL weight {low:g} to {high:g})"
+    weights = f"{high:g}" if low == high else f"{low:g} to {high:g}"
+    return f"total (KL weight {weights})"
 
 
 def loss_curves(history, title="VAE"):
-    """Train and test loss per epoch, one panel per term, since the KL term
-    is an order of magnitude smaller than the total and would look flat on a
-    shared axis."""
-    fig = _new_figure(7.2, 2.8)
-    axes = fig.subplots(1, len(LOSS_PANELS))
+    """Train and test loss per epoch, one panel per term of LOSS_PANELS in history, since the KL
+    term is an order of magnitude smaller than the total and would look flat on a shared axis."""
+    panels = {key: name for key, name in LOSS_PANELS.items() if key in history}
+    fig = _new_figure(2.4 * len(panels), 2.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     n_epochs = len(history["loss"])
     epochs = np.arange(1, n_epochs + 1)
     marker = "o" if n_epochs <= 30 else None  # a single epoch is a lone point
-    for ax, (key, name) in zip(axes, LOSS_PANELS):
+    for ax, (key, name) in zip(axes, panels.items()):
         ax.plot(epochs, history[key], marker=marker, ms=4, label="train")
         ax.plot(epochs, history[f"val_{key}"], marker=marker, ms=4, label="test")
-        ax.set_title(name if key != "loss" else total_title(history))
+        ax.set_title(total_title(history) if key == "loss" else name)
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, n_epochs + 0.5)  # room for a lone first/last point
         ax.xaxis.set_major_locator(
             MaxNLocator(nbins=7, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
         )
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False)  # same colours in every panel
     axes[0].set_ylabel("loss per image")
@@ -100,14 +105,14 @@ def loss_curves(history, title="VAE"):
 
 
 def reconstructions(originals, reconstructions, title="VAE"):
-    """The first 100 test digits, each beside its reconstruction, in a grid
-    of up to 10 x 10 pairs, so errors can be judged digit by digit."""
+    """The first 100 test digits, each beside its reconstruction, in a grid of up to 10 x 10
+    pairs, so errors can be judged digit by digit."""
     originals = _as_images(originals, 3)[:100]
     reconstructed = _as_images(reconstructions, 3)[:100]
     if originals.shape != reconstructed.shape:
         raise ValueError(
-            f"{originals.shape[0]} originals but {reconstructed.shape[0]} "
-            "reconstructions, or different image sizes"
+            f"{originals.shape[0]} originals but {reconstructed.shape[0]} reconstructions, "
+            "or different image sizes"
         )
     pairs = np.concatenate([originals, reconstructed], axis=2)
     ncols = min(10, len(pairs))
@@ -122,22 +127,31 @@ def reconstructions(originals, reconstructions, title="VAE"):
 
 
 def latent_space(z, labels, title="VAE", class_names=None):
-    """Encoder means of test images coloured by their digit, to show how the
-    classes are laid out; latents wider than 2 are projected on their first
-    two principal components, a 1-d latent is spread by digit on y.
-    class_names (ten, e.g. Fashion-MNIST's clothing) replace the digits 0-9."""
-    labels = np.asarray(labels).astype(int)
+    """Encoder means of test images coloured by their class, to show how the classes are laid
+    out; latents wider than 2 are projected on their first two principal components, a 1-d latent
+    is spread by class on y.
+
+    Without class_names the colours are those of the label values present (digits); with them
+    (e.g. Fashion-MNIST's clothing), labels index class_names and every name gets a colour."""
+    labels = np.asarray(labels).astype(int).ravel()
     z = np.asarray(z, dtype=float).reshape(len(labels), -1)  # (N,) is one column
+    if class_names is None:
+        classes, index = np.unique(labels, return_inverse=True)
+        names = [str(c) for c in classes]
+    elif labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(f"labels must index the {len(class_names)} class names")
+    else:
+        index, names = labels, list(class_names)
     dim = z.shape[1]
-    items = "images" if class_names else "digits"
+    items = "digits" if class_names is None else "images"
     fig = _new_figure(5.6, 4.8)
     ax = fig.add_subplot()
     if dim == 1:
         jitter = np.random.default_rng(0).uniform(-0.35, 0.35, len(z))
-        x, y = z[:, 0], labels + jitter
+        x, y = z[:, 0], index + jitter
         ax.set_xlabel("z[0]")
-        ax.set_ylabel("class (jittered)" if class_names else "digit label (jittered)")
-        ax.set_yticks(range(10), class_names)
+        ax.set_ylabel("digit label (jittered)" if class_names is None else "class (jittered)")
+        ax.set_yticks(range(len(names)), names)
         fig.suptitle(f"{title}: 1-d latent means of test {items}")
     elif dim == 2:
         x, y = z[:, 0], z[:, 1]
@@ -156,66 +170,47 @@ def latent_space(z, labels, title="VAE", class_names=None):
     points = ax.scatter(
         x,
         y,
-        c=labels,
-        cmap="tab10",
-        norm=BoundaryNorm(np.arange(-0.5, 10.5), ncolors=10),
+        c=index,
+        cmap=ListedColormap(_class_colours(len(names))),
+        norm=BoundaryNorm(np.arange(len(names) + 1) - 0.5, ncolors=len(names)),
         s=marker_area,
         alpha=0.6,
         linewidths=0,
     )
-    colorbar = fig.colorbar(points, ax=ax, ticks=range(10))
-    if class_names:
-        colorbar.set_ticklabels(class_names)
-    colorbar.set_label("class" if class_names else "digit")
+    colorbar = fig.colorbar(points, ax=ax)
+    colorbar.set_ticks(range(len(names)), labels=names)
+    colorbar.set_label("digit" if class_names is None else "class")
     colorbar.ax.minorticks_off()
     colorbar.solids.set_alpha(1)  # the bar shows the colours, not the overlap
     return fig
 
 
-def _tick_cells(n):
-    """Indices of about 6 of n cells, evenly spaced and symmetric about the
-    middle, so the tick labels of a symmetric grid read symmetrically and
-    no two ticks crowd each other."""
-    step = max(1, math.ceil((n - 1) / 6))
-    if (n - 1) % 2 and step % 2 == 0:
-        step -= 1  # an even step cannot be centred on an even number of cells
-    count = (n - 1) // step
-    if (n - 1 - count * step) % 2:
-        count -= 1
-    first = (n - 1 - count * step) // 2
-    return first + step * np.arange(count + 1)
-
-
-def _one_decimal(values):
-    """Labels like matplotlib's own: one decimal, a true minus sign, no "-0.0"."""
-    return [
-        f"{round(float(v), 1) + 0.0:.1f}".replace("-", "\N{MINUS SIGN}")
-        for v in values
-    ]
-
-
 def manifold(images, grid_values, title="VAE"):
-    """Decodings of a regular grid of 2-d latent points tiled into one image,
-    to show how digits morph across the latent plane.
+    """Decodings of a regular grid of 2-d latent points tiled into one image placed at its latent
+    coordinates, to show how digits morph across the latent plane.
 
-    images[i, j] must decode z = (grid_values[j], grid_values[::-1][i]):
-    columns go left to right with z[0], rows top to bottom from the largest
-    z[1] down, like a plot with z[1] upwards."""
+    images[i, j] must decode z = (grid_values[j], grid_values[::-1][i]): columns go left to right
+    with z[0], rows top to bottom from the largest z[1] down, like a plot with z[1] upwards.
+    grid_values must be increasing and evenly spaced, as each is the centre of one cell."""
     images = _as_images(images, 4)
     grid_values = np.asarray(grid_values, dtype=float)
     n, _, h, w = images.shape
     if images.shape[1] != n or len(grid_values) != n:
         raise ValueError(
-            f"expected ({len(grid_values)}, {len(grid_values)}, h, w) images, "
-            f"got {images.shape}"
+            f"expected ({len(grid_values)}, {len(grid_values)}, h, w) images, got {images.shape}"
         )
+    step = (grid_values[-1] - grid_values[0]) / (n - 1) if n > 1 else 1.0
+    if step <= 0 or not np.allclose(np.diff(grid_values), step):
+        raise ValueError("grid_values must be increasing and evenly spaced")
+    low, high = grid_values[0] - step / 2, grid_values[-1] + step / 2
     mosaic = images.transpose(0, 2, 1, 3).reshape(n * h, n * w)
     fig = _new_figure(6.0, 6.0)
     ax = fig.add_subplot()
-    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
-    cells = _tick_cells(n)
-    ax.set_xticks(cells * w + (w - 1) / 2, _one_decimal(grid_values[cells]))
-    ax.set_yticks(cells * h + (h - 1) / 2, _one_decimal(grid_values[::-1][cells]))
+    # The default origin "upper" puts row 0 at the top of the extent, the largest z[1]; the
+    # aspect keeps pixels square should h differ from w.
+    ax.imshow(
+        mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0, extent=(low, high, low, high), aspect=h / w
+    )
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     ax.set_title(f"{title}: decoded latent grid")
@@ -230,14 +225,18 @@ def interpolation(starts, paths, ends, row_labels, title="VAE"):
     paths = _as_images(paths, 4)
     rows, steps, h, w = paths.shape
     if starts.shape != (rows, h, w) or ends.shape != (rows, h, w) or len(row_labels) != rows:
-        raise ValueError(f"{rows} paths of {steps} steps need {rows} start and end images and row labels, "
-                         f"got {starts.shape}, {ends.shape} and {len(row_labels)} labels")
+        raise ValueError(
+            f"{rows} paths of {steps} steps need {rows} start and end images and row labels, "
+            f"got {starts.shape}, {ends.shape} and {len(row_labels)} labels"
+        )
     cells = np.concatenate([starts[:, None], paths, ends[:, None]], axis=1).reshape(-1, h, w)
     gap = 2
     mosaic = _tile(cells, ncols=steps + 2, gap=gap)
     height, width = mosaic.shape
     label_inches = 0.08 * max(len(label) for label in row_labels)  # class names need room
-    fig = _new_figure(6.0 + label_inches, 1.0 + 6.0 * height / width)
+    # "compressed" keeps the title and x labels next to this wide, fixed-aspect image, whatever
+    # the number of rows, instead of leaving the slack between them.
+    fig = _new_figure(6.0 + label_inches, 0.8 + 6.0 * height / width, layout="compressed")
     ax = fig.add_subplot()
     ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
     columns = np.arange(steps + 2) * (w + gap) + (w - 1) / 2
@@ -250,9 +249,12 @@ def interpolation(starts, paths, ends, row_labels, title="VAE"):
 
 
 def progress_frame(originals, reconstructions, samples, columns=10):
-    """One frame of training progress as a uint8 image: a row of test images, their reconstructions
-    below, then rows of decoded prior samples (the same inputs every epoch, so frames compare)."""
-    cells = np.concatenate([_as_images(originals, 3), _as_images(reconstructions, 3), _as_images(samples, 3)])
+    """One frame of training progress as a uint8 image: a row of test images, their
+    reconstructions below, then rows of decoded prior samples (the same inputs every epoch, so
+    frames compare)."""
+    cells = np.concatenate(
+        [_as_images(originals, 3), _as_images(reconstructions, 3), _as_images(samples, 3)]
+    )
     return np.round(255 * np.clip(_tile(cells, ncols=columns, gap=2), 0, 1)).astype(np.uint8)
 
 
@@ -265,15 +267,16 @@ def progress_animation(frames, scale=2):
     for epoch, frame in enumerate(frames, start=1):
         height, width = frame.shape
         image = Image.new("L", (width * scale, height * scale + 16), 0)
-        image.paste(Image.fromarray(frame).resize((width * scale, height * scale), Image.NEAREST), (0, 16))
+        enlarged = Image.fromarray(frame).resize((width * scale, height * scale), Image.NEAREST)
+        image.paste(enlarged, (0, 16))
         ImageDraw.Draw(image).text((4, 2), f"epoch {epoch}", fill=255)
         images.append(image)
     return images
 
 
 def samples(images, title="VAE"):
-    """Decodings of z ~ N(0, I) in a near-square grid (10 x 10 for 100), to
-    show what the generative model produces from its prior."""
+    """Decodings of z ~ N(0, I) in a near-square grid (10 x 10 for 100), to show what the
+    generative model produces from its prior."""
     images = _as_images(images, 3)
     ncols = math.ceil(math.sqrt(len(images)))
     fig = _new_figure(4.6, 4.9)

@@ -1,5 +1,7 @@
 """Shared test fixtures: the repo root on sys.path, tiny MNIST-shaped files, and script runs."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+# The real MNIST: $MNIST_NPZ, else the copy keras.datasets.mnist.load_data() keeps.
+REAL_MNIST = Path(os.environ.get("MNIST_NPZ") or Path.home() / ".keras" / "datasets" / "mnist.npz")
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root
 
 # Tests never touch the user's FID cache.
@@ -43,11 +46,12 @@ def tiny_mnist(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_mnist():
-    """The full MNIST beside the repo; CI must have it, elsewhere its tests are skipped."""
+    """The full MNIST ($MNIST_NPZ or Keras' cache); CI must have it, elsewhere its tests are
+    skipped."""
     if not REAL_MNIST.is_file():
         if os.environ.get("CI"):
-            pytest.fail(f"{REAL_MNIST} is missing: CI must run the real-data tests")
-        pytest.skip(f"{REAL_MNIST} not found")
+            pytest.fail(f"{REAL_MNIST} is missing: CI must run the real-data tests (set MNIST_NPZ)")
+        pytest.skip(f"{REAL_MNIST} not found (set MNIST_NPZ to an mnist.npz)")
     return REAL_MNIST
 
 
@@ -55,9 +59,26 @@ QUICK = ["--epochs", "2", "--batch-size", "32", "--fid", "pixel,classifier", "--
 
 
 def run_script(script, *args, timeout=300, **kwargs):
-    """Run vae.py or conv_vae.py as a user would, capturing its output."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    """Run vae.py or conv_vae.py as a process, where the process itself is the point (signals,
+    exit codes, a fresh clone), capturing its output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_main(script, *args):
+    """The script's main() in this process, as the command line would call it: everything but
+    TensorFlow's start-up. Returns what subprocess.run would (returncode, stdout, stderr)."""
+    import conv_vae
+    import vae
+
+    architecture = {"vae.py": vae.DENSE, "conv_vae.py": conv_vae.CONV}[script]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = vae.main(list(map(str, args)), architecture)
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def error_lines(stderr):

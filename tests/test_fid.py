@@ -1,6 +1,7 @@
 """Tests for fid.py: closed forms, the original pixel metric, the digit classifier, Inception with
 random weights, CLI."""
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -179,8 +180,10 @@ def test_inception_statistics_match_numpy_cov_and_ignore_batch_size(random_incep
     in_pairs = fid.inception_statistics(six_images, random_inception, batch_size=4, verbose=True)
     np.testing.assert_allclose(in_pairs.mu, six_image_statistics.mu, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(in_pairs.sigma, six_image_statistics.sigma, atol=1e-4 * scale)
-    progress = capsys.readouterr().err
-    assert "6 images" in progress and "first batch" in progress and "\rfid: 6/6 images" in progress
+    out, progress = capsys.readouterr()
+    assert out == ""  # progress goes to stderr: stdout carries only results
+    assert "6 images" in progress and "first batch" in progress and "6/6" in progress
+    assert progress.index("first batch") < progress.index("4/6") and "/image" in progress
 
 
 def test_weights_file_reproduces_model_and_statistics(random_inception, random_weights_file,
@@ -349,7 +352,7 @@ def test_classifier_key_follows_images_and_labels_and_is_the_same_in_every_proce
     changed_label[0] = (labels[0] + 1) % 10
     assert len({key, fid.classifier_key(images[:-1], labels[:-1]), fid.classifier_key(images, changed_label),
                 fid.classifier_key(images.astype(np.float32) / 255, labels)}) == 4
-    fid.build_classifier()  # layer names must not depend on how many models this process built
+    fid.build_classifier(images, labels)  # layer names must not depend on earlier models
     script = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import fid; "
               "data = np.load(sys.argv[2]); print(fid.classifier_key(data['images'], data['labels']))")
     with tempfile.TemporaryDirectory() as folder:
@@ -362,10 +365,20 @@ def test_classifier_key_follows_images_and_labels_and_is_the_same_in_every_proce
 def test_a_damaged_cached_classifier_is_trained_again(tiny_labelled_digits, tmp_path, capsys):
     first = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path, verbose=False)
     next(tmp_path.glob("*.keras")).write_bytes(b"not a zip")
-    again = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path)
+    again = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path,
+                                         skip_hint="; HINT")
     assert again.weights_sha256 == first.weights_sha256
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "ignoring cache entry" in err and "classifier test accuracy" in err
+    assert out == "" and "12/12" in err  # 512 images in batches of 128, for 3 epochs
+    assert "training the classifier takes about" in err and "; HINT\n" in err
+
+
+def test_classifier_takes_its_input_shape_and_classes_from_the_data():
+    model = fid.build_classifier(np.zeros((2, 12, 16), np.uint8), np.array([0, 2]))
+    assert model.input_shape == (None, 12, 16, 1) and model.output_shape == (None, 3)
+    with pytest.raises(ValueError, match="at least 10x10 pixels, got 8x8"):
+        fid.build_classifier(random_images(0), np.zeros(100))
 
 
 def test_classifier_statistics_reject_images_of_another_size(tiny_labelled_digits, tmp_path):
@@ -375,6 +388,18 @@ def test_classifier_statistics_reject_images_of_another_size(tiny_labelled_digit
 
 
 # ---------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("parse, text, value, bad", [
+    (fid.positive_int, "1", 1, "0"),
+    (fid.non_negative_int, "0", 0, "-1"),
+    (fid.positive_float, "1e-3", 1e-3, "nan"),
+    (fid.unit_interval, "0.25", 0.25, "1"),
+])
+def test_shared_argument_types_accept_their_range_only(parse, text, value, bad):
+    assert parse(text) == value
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse(bad)
 
 
 def run_main(argv, capsys):

@@ -1,10 +1,11 @@
-"""Every figure builds from small synthetic arrays, renders to a valid PNG,
-and carries the labels, titles and ticks a reader of the README relies on."""
+"""Every figure builds from small synthetic arrays, renders to a valid PNG, and carries the
+labels, titles and ticks a reader of the README relies on."""
 
 import struct
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import plot_utils
@@ -27,6 +28,16 @@ def render(fig, tmp_path, name="figure.png"):
     width, height = png_size(path)
     assert 300 <= width <= 1600 and 100 <= height <= 1600
     return width, height
+
+
+def assert_nothing_clipped(fig):
+    """Every title, label and tick label lies inside the figure on its first draw, the one the
+    caller saves (constrained layout around a fixed-aspect image shifts on later draws)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    drawn = fig.get_tightbbox(canvas.get_renderer())  # in inches
+    width, height = fig.get_size_inches()
+    assert drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= width and drawn.y1 <= height
 
 
 def history(n_epochs):
@@ -69,15 +80,36 @@ def test_loss_curves(tmp_path, n_epochs):
         assert all(line.get_marker() == "o" for line in fig.axes[0].get_lines())
 
 
+def test_loss_curves_draw_one_panel_per_listed_term(tmp_path, monkeypatch):
+    monkeypatch.setitem(plot_utils.LOSS_PANELS, "tc_loss", "total correlation")
+    extra = {**history(5), "tc_loss": [1.0] * 5, "val_tc_loss": [2.0] * 5}
+    fig = plot_utils.loss_curves(extra)
+    render(fig, tmp_path)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "total",
+        "reconstruction",
+        "KL divergence",
+        "total correlation",
+    ]
+    assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
+    assert len(plot_utils.loss_curves(history(5)).axes) == 3  # a listed term not in history
+
+
 def test_interpolation_rows_hold_real_ends_and_the_path(tmp_path):
     rng = np.random.default_rng(0)
-    starts, paths, ends = rng.random((4, 28, 28)), rng.random((4, 10, 28, 28, 1)), rng.random((4, 28, 28))
-    fig = plot_utils.interpolation(starts, paths, ends, ["0 to 3", "1 to 4", "2 to 5", "3 to 6"], title="Dense VAE")
+    starts, paths, ends = (
+        rng.random((4, 28, 28)),
+        rng.random((4, 10, 28, 28, 1)),
+        rng.random((4, 28, 28)),
+    )
+    labels = ["0 to 3", "1 to 4", "2 to 5", "3 to 6"]
+    fig = plot_utils.interpolation(starts, paths, ends, labels, title="Dense VAE")
+    assert_nothing_clipped(fig)
     render(fig, tmp_path)
     ax = fig.axes[0]
     assert fig.get_suptitle().startswith("Dense VAE")
     assert tick_texts(ax.get_xticklabels()) == ["real", "t = 0", "t = 1", "real"]
-    assert tick_texts(ax.get_yticklabels()) == ["0 to 3", "1 to 4", "2 to 5", "3 to 6"]
+    assert tick_texts(ax.get_yticklabels()) == labels
     mosaic = ax.get_images()[0].get_array()
     assert mosaic.shape == (4 * 30 - 2, 12 * 30 - 2)
     np.testing.assert_allclose(mosaic[:28, :28], starts[0])
@@ -86,12 +118,26 @@ def test_interpolation_rows_hold_real_ends_and_the_path(tmp_path):
         plot_utils.interpolation(starts, paths, ends, ["only one"])
 
 
+def test_interpolation_with_one_row(tmp_path):
+    rng = np.random.default_rng(0)
+    fig = plot_utils.interpolation(
+        rng.random((1, 28, 28)), rng.random((1, 10, 28, 28)), rng.random((1, 28, 28)), ["7 to 1"]
+    )
+    assert_nothing_clipped(fig)
+    render(fig, tmp_path)
+    ax = fig.axes[0]
+    assert tick_texts(ax.get_yticklabels()) == ["7 to 1"]
+    assert ax.get_images()[0].get_array().shape == (28, 12 * 30 - 2)
+
+
 def test_loss_curves_say_when_the_kl_term_is_weighted(tmp_path):
-    warmup = {**history(3), "kl_weight": [0.0, 2.0, 4.0], "val_kl_weight": [0.0, 2.0, 4.0]}
+    weights = [0.0, 2.0, 4.0]
+    warmup = {**history(3), "kl_weight": weights, "val_kl_weight": weights}
     fig = plot_utils.loss_curves(warmup)
     render(fig, tmp_path)
     assert fig.axes[0].get_title() == "total (KL weight 0 to 4)"
-    constant = plot_utils.loss_curves({**history(3), "kl_weight": [4.0] * 3, "val_kl_weight": [4.0] * 3})
+    constant = {**history(3), "kl_weight": [4.0] * 3, "val_kl_weight": [4.0] * 3}
+    constant = plot_utils.loss_curves(constant)
     assert constant.axes[0].get_title() == "total (KL weight 4)"
 
 
@@ -119,7 +165,7 @@ def test_reconstructions_rejects_mismatched_counts():
 
 def test_latent_space_2d(tmp_path):
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 20)
+    labels = np.arange(20) % 10  # every digit present
     fig = plot_utils.latent_space(rng.normal(size=(20, 2)), labels, title="Dense VAE")
     render(fig, tmp_path)
     ax, colorbar_ax = fig.axes
@@ -131,11 +177,41 @@ def test_latent_space_2d(tmp_path):
 
 def test_latent_space_names_fashion_mnist_classes(tmp_path):
     rng = np.random.default_rng(0)
-    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    fig = plot_utils.latent_space(rng.normal(size=(20, 2)), rng.integers(0, 10, 20), class_names=names)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+    names += ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    labels = rng.integers(0, 10, 20)  # not every class drawn: every name still gets its colour
+    fig = plot_utils.latent_space(rng.normal(size=(20, 2)), labels, class_names=names)
     render(fig, tmp_path)
     colorbar_ax = fig.axes[1]
-    assert tick_texts(colorbar_ax.get_yticklabels()) == names and colorbar_ax.get_ylabel() == "class"
+    assert tick_texts(colorbar_ax.get_yticklabels()) == names
+    assert colorbar_ax.get_ylabel() == "class"
+    assert "images" in fig.get_suptitle()
+    with pytest.raises(ValueError, match="class names"):
+        plot_utils.latent_space(rng.normal(size=(20, 2)), labels, class_names=names[:3])
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_latent_space_one_class(tmp_path, dim):
+    rng = np.random.default_rng(0)
+    fig = plot_utils.latent_space(rng.normal(size=(30, dim)), np.full(30, 3))
+    assert_nothing_clipped(fig)
+    render(fig, tmp_path)
+    ax, colorbar_ax = fig.axes
+    assert list(colorbar_ax.get_yticks()) == [0]
+    assert tick_texts(colorbar_ax.get_yticklabels()) == ["3"]
+    assert len(set(map(tuple, ax.collections[0].get_facecolors()))) == 1
+    if dim == 1:
+        assert tick_texts(ax.get_yticklabels()) == ["3"]
+
+
+def test_latent_space_colours_only_the_classes_present(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([2, 5, 7] * 10)
+    fig = plot_utils.latent_space(rng.normal(size=(30, 2)), labels)
+    render(fig, tmp_path)
+    ax, colorbar_ax = fig.axes
+    assert tick_texts(colorbar_ax.get_yticklabels()) == ["2", "5", "7"]
+    assert len(set(map(tuple, ax.collections[0].get_facecolors()))) == 3
 
 
 def test_latent_space_pca_for_5d(tmp_path):
@@ -172,27 +248,42 @@ def test_manifold_ticks_match_grid(tmp_path, n):
     (ax,) = fig.axes
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
     assert ax.get_title().startswith("Dense VAE")
-    assert ax.get_images()[0].get_array().shape == (n * 28, n * 28)
-    x_cells = (ax.get_xticks() - 13.5) / 28
-    y_cells = (ax.get_yticks() - 13.5) / 28
-    assert 4 <= len(x_cells) <= 12
-    assert np.allclose(x_cells, np.round(x_cells))
-    x_labels = [as_float(t) for t in tick_texts(ax.get_xticklabels())]
-    y_labels = [as_float(t) for t in tick_texts(ax.get_yticklabels())]
-    x_values = grid_values[np.round(x_cells).astype(int)]
-    y_values = grid_values[::-1][np.round(y_cells).astype(int)]
-    assert np.allclose(x_labels, x_values, atol=0.051)
-    assert np.allclose(y_labels, y_values, atol=0.051)
-    assert y_labels[0] > y_labels[-1]  # largest z[1] at the top
-    assert x_labels == [-v for v in x_labels[::-1]]  # symmetric grid, symmetric ticks
+    image = ax.get_images()[0]
+    assert image.get_array().shape == (n * 28, n * 28)
+    half_cell = 4 / (n - 1)  # each grid value is the centre of its cell
+    extent = [-4 - half_cell, 4 + half_cell]
+    assert np.allclose(image.get_extent(), extent + extent)  # (left, right, bottom, top)
+    assert np.allclose(ax.get_xlim(), extent) and np.allclose(ax.get_ylim(), extent)
+    assert not ax.yaxis.get_inverted()  # z[1] grows upwards
+    for axis in (ax.xaxis, ax.yaxis):
+        shown = [
+            (tick, label)
+            for tick, label in zip(axis.get_ticklocs(), axis.get_ticklabels())
+            if extent[0] <= tick <= extent[1]
+        ]
+        ticks = [tick for tick, _ in shown]
+        labels = [as_float(label.get_text()) for _, label in shown]
+        assert 4 <= len(ticks) <= 12
+        assert np.allclose(labels, ticks)  # labels read the latent coordinate itself
+        assert min(labels) >= -4 and max(labels) <= 4  # within the grid range
+        assert labels == [-v for v in labels[::-1]]  # symmetric grid, symmetric ticks
 
 
 def test_manifold_places_decodings_by_grid_position():
     images = np.zeros((3, 3, 28, 28))
     images[0, 2] = 1.0  # z = (largest z[0], largest z[1])
     fig = plot_utils.manifold(images, np.array([-1.0, 0.0, 1.0]))
-    mosaic = fig.axes[0].get_images()[0].get_array()
+    ax = fig.axes[0]
+    mosaic = ax.get_images()[0].get_array()
     assert mosaic[:28, 56:].min() == 1.0 and mosaic[28:, :].max() == 0.0
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., 0]
+    for z, value in [((1.0, 1.0), 255), ((-1.0, 1.0), 0), ((1.0, -1.0), 0)]:
+        x, y = ax.transData.transform(z)  # the cell drawn at this latent point
+        assert pixels[round(pixels.shape[0] - y), round(x)] == value
+    with pytest.raises(ValueError, match="evenly spaced"):
+        plot_utils.manifold(images, np.array([-1.0, 0.5, 1.0]))
 
 
 def test_samples(tmp_path):

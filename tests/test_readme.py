@@ -1,20 +1,25 @@
-"""README.md: its documented commands work as a new user runs them, in a fresh clone of the repository."""
+"""README.md and results/README.md: their tables are the committed files' numbers, and their
+commands run as printed in a fresh clone of the repository."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, error_lines
+import results_tables
+from conftest import ROOT, error_lines, run_main
 
-# The README's two headline commands, and flags that only make them smaller (fewer epochs, images
-# and samples); --data because this machine cannot download MNIST.
-DOCUMENTED_COMMANDS = [".venv/bin/python vae.py --latent-dim 2 --epochs 30", ".venv/bin/python conv_vae.py --epochs 100"]
-SMALLER = ["--epochs", "1", "--train-size", "128", "--test-size", "64", "--fid-samples", "64", "--iw-samples", "4"]
+README = ROOT / "README.md"
+QUICK_START = ".venv/bin/python vae.py --latent-dim 2 --epochs 30"
+# Appended to each documented command: they only make it smaller (argparse lets the last value win).
+SMALLER = ["--epochs", "1", "--train-size", "512", "--test-size", "256", "--fid", "none",
+           "--iw-samples", "0"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fresh_clone(tmp_path_factory):
     """What `git clone` gives a new user: the tracked files (as they are in this working tree, so
     uncommitted edits are tested too), and nothing that is untracked or ignored."""
@@ -22,31 +27,67 @@ def fresh_clone(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail("CI runs in a git clone: the fresh-clone test must run")
         pytest.skip("not a git checkout")
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
     clone = tmp_path_factory.mktemp("fresh") / "repo"
     for name in filter(None, tracked.decode().split("\0")):
         source = ROOT / name
-        if source.is_file():  # a tracked file deleted in the working tree is not in the clone either
+        if source.is_file():  # a tracked file deleted in the working tree is not in the clone
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, clone / name)
     return clone
 
 
-@pytest.mark.parametrize("command", DOCUMENTED_COMMANDS)
-def test_documented_command_runs_in_a_fresh_clone(command, fresh_clone, tiny_mnist):
-    assert command in (ROOT / "README.md").read_text()
-    script, *arguments = command.split()[1:]
-    results_dir = fresh_clone / "results" / script.removesuffix(".py")
-    committed_example = (results_dir / "metrics.json").is_file()
+def table_in(document, name):
+    match = re.search(f"<!-- {name} -->\n(.*?)\n<!-- /{name} -->", document.read_text(), re.S)
+    assert match, f"{document.name} has no {name}"
+    return match.group(1)
 
-    def run():
-        return subprocess.run([sys.executable, script, *arguments, *SMALLER, "--data", str(tiny_mnist)],
-                              cwd=fresh_clone, capture_output=True, text=True, timeout=300)
 
-    result = run()
+@pytest.mark.parametrize("document, name", [
+    (README, "results-table"),
+    (ROOT / "results" / "README.md", "committed-runs-table"),
+    (ROOT / "results" / "README.md", "tuning-table"),
+])
+def test_tables_are_what_the_committed_files_say(document, name):
+    assert table_in(document, name) == results_tables.TABLES[name]()
+
+
+def test_committed_results_hold_no_machine_paths_and_whole_evaluation_times():
+    assert len(README.read_text()) <= 12_000
+    for path in sorted((ROOT / "results").glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        for key in ("data", "results_dir"):
+            value = metrics["config"][key]
+            assert value is None or not (value.startswith(("/", "..", "~"))), (path, key, value)
+        if "evaluation_seconds" in metrics:  # runs older than its fix leave it out (results/README.md)
+            parts = metrics.get("iw_seconds", 0) + sum(metrics["fid_seconds"].values())
+            assert metrics["evaluation_seconds"] > parts, path
+
+
+def test_quick_start_runs_in_a_fresh_clone_and_protects_its_run(fresh_clone, tiny_mnist):
+    """The README's first command as a new user's process, then a second run into its folder."""
+    assert QUICK_START in README.read_text()
+    script, *arguments = QUICK_START.split()[1:]
+    command = [sys.executable, script, *arguments, *SMALLER, "--data", str(tiny_mnist)]
+    result = subprocess.run(command, cwd=fresh_clone, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, error_lines(result.stderr)[-5:]
-    assert (results_dir / "model.keras").is_file() and (results_dir / "reconstruction_images.png").is_file()
-    if committed_example:
-        assert "this run replaces them" in result.stdout
-    again = run()  # the user's own finished run is protected
+    assert "this run replaces them" in result.stdout  # the committed example in results/vae
+    assert (fresh_clone / "results" / "vae" / "model.keras").is_file()
+    again = run_main(script, "--results-dir", fresh_clone / "results" / "vae", *SMALLER,
+                     "--data", tiny_mnist)
     assert again.returncode == 2 and "holds a finished run" in error_lines(again.stderr)[-1]
+
+
+def test_results_table_commands_run_as_printed_in_order(fresh_clone, tiny_mnist, monkeypatch):
+    """Each row's command, in a fresh clone, in the order printed: none is refused because an
+    earlier one used its results directory."""
+    commands = re.findall(r"`(python \S+\.py [^`]*)`", table_in(README, "results-table"))
+    assert len(commands) == len(results_tables.RUNS)
+    monkeypatch.chdir(fresh_clone)
+    for command in commands:
+        script, *arguments = command.split()[1:]
+        result = run_main(script, *arguments, *SMALLER, "--data", tiny_mnist)
+        assert result.returncode == 0, (command, error_lines(result.stderr)[-3:])
+        results_dir = fresh_clone / arguments[arguments.index("--results-dir") + 1]
+        assert (results_dir / "model.keras").is_file(), command

@@ -1,11 +1,12 @@
-"""Benchmark of fid.py on this machine (not a test: run `python tests/bench_fid.py`;
+"""Benchmark of fid.py on this machine (not a test: run `python tests/bench/bench_fid.py`;
 `--classifier-only` leaves out the Inception parts).
 
 - pixel FID of the MNIST test set vs a noisy copy, 10,000 vs 10,000 images (target < 3 s);
-- the digit classifier: training it on the 60,000 training images in an empty cache (target <= 60 s,
-  test accuracy >= 99.0%), then a classifier FID of 10,000 vs 10,000 images (target <= 5 s);
-- Inception feature throughput with random weights (target >= 10 images/s): fid.inception_statistics
-  end to end, and its tf.function against the same with jit_compile=True and plain model.predict;
+- the digit classifier: training it on the 60,000 training images in an empty cache (target <= 60
+  s, test accuracy >= 99.0%), then a classifier FID of 10,000 vs 10,000 images (target <= 5 s);
+- Inception feature throughput with random weights (target >= 10 images/s):
+  fid.inception_statistics end to end, and its tf.function against the same with
+  jit_compile=True and plain model.predict;
 - frechet_distance on 2048-d statistics, i.e. the scipy sqrtm every Inception FID pays;
 - Inception in mixed_bfloat16 against float32 with the same weights (`--inception-weights FILE`,
   else calibrated random ones, see calibrated_random_inception): images/s of each and how far the
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 import fid  # noqa: E402
@@ -35,7 +36,14 @@ def mnist_test_images():
     if MNIST_PATH.exists():
         with np.load(MNIST_PATH) as mnist:
             return mnist["x_test"], "MNIST test set"
-    return np.random.default_rng(0).integers(0, 256, (10000, 28, 28), dtype=np.uint8), "random images"
+    random_images = np.random.default_rng(0).integers(0, 256, (10000, 28, 28), dtype=np.uint8)
+    return random_images, "random images"
+
+
+def noisy_copy(images):
+    """images in [0, 1] plus Gaussian noise of standard deviation 0.1, clipped to [0, 1]."""
+    noise = 0.1 * np.random.default_rng(0).standard_normal(images.shape)
+    return np.clip(images / 255 + noise, 0, 1)
 
 
 def timed(function, *args, **kwargs):
@@ -46,7 +54,7 @@ def timed(function, *args, **kwargs):
 
 def bench_pixel_fid():
     images, source = mnist_test_images()
-    noisy = np.clip(images / 255 + 0.1 * np.random.default_rng(0).standard_normal(images.shape), 0, 1)
+    noisy = noisy_copy(images)
     distance, seconds = timed(fid.pixel_fid, images, noisy)
     print(f"pixel FID, {source} vs noisy copy ({len(images)} vs {len(noisy)}): "
           f"{distance:.4f} in {seconds:.2f} s (target < 3 s)")
@@ -59,25 +67,30 @@ def bench_classifier():
     with np.load(MNIST_PATH) as mnist:
         data = [mnist[key] for key in ("x_train", "y_train", "x_test", "y_test")]
     with tempfile.TemporaryDirectory() as cache:
-        classifier, seconds = timed(fid.load_or_train_classifier, *data, cache_dir=cache, verbose=False)
-    print(f"classifier: trained on {len(data[0])} images in {seconds:.1f} s, empty cache (target <= 60 s); "
-          f"test accuracy {classifier.test_accuracy:.2%} (target >= 99.0%)")
+        classifier, seconds = timed(fid.load_or_train_classifier, *data, cache_dir=cache,
+                                    verbose=False)
+    print(f"classifier: trained on {len(data[0])} images in {seconds:.1f} s, empty cache "
+          f"(target <= 60 s); test accuracy {classifier.test_accuracy:.2%} (target >= 99.0%)")
     images = data[2]
-    noisy = np.clip(images / 255 + 0.1 * np.random.default_rng(0).standard_normal(images.shape), 0, 1)
-    distance, seconds = timed(lambda: fid.frechet_distance(fid.compute_statistics(images, "classifier", classifier),
-                                                           fid.compute_statistics(noisy, "classifier", classifier)))
+    noisy = noisy_copy(images)
+    distance, seconds = timed(lambda: fid.frechet_distance(
+        fid.compute_statistics(images, "classifier", classifier),
+        fid.compute_statistics(noisy, "classifier", classifier)))
     print(f"classifier FID, MNIST test set vs noisy copy ({len(images)} vs {len(noisy)}): "
           f"{distance:.4f} in {seconds:.2f} s (target <= 5 s)")
 
 
 def bench_inception_throughput():
-    """The methods take turns batch by batch, so load from others on the shared cores hits all alike."""
+    """The methods take turns batch by batch, so load from others on the shared cores hits all
+    alike."""
     images, _ = mnist_test_images()
     images = images[:INCEPTION_IMAGES]
     model = fid.load_inception(None)
     print(f"Inception features, random weights, {len(images)} images, batch size {BATCH_SIZE}:")
-    _, seconds = timed(fid.inception_statistics, images, model, batch_size=BATCH_SIZE, verbose=False)
-    print(f"  fid.inception_statistics, end to end with tracing: {len(images) / seconds:.1f} images/s")
+    _, seconds = timed(fid.inception_statistics, images, model, batch_size=BATCH_SIZE,
+                       verbose=False)
+    print(f"  fid.inception_statistics, end to end with tracing: "
+          f"{len(images) / seconds:.1f} images/s")
 
     def extractor(jit_compile):
         return tf.function(lambda batch: model(fid.inception_preprocess(batch), training=False),
@@ -89,7 +102,8 @@ def bench_inception_throughput():
     methods = {
         "tf.function(preprocess + model), as in fid.py": (extractor(jit_compile=False), batches),
         "the same with jit_compile=True": (extractor(jit_compile=True), batches),
-        f"plain model.predict on preprocessed 299x299 batches (jit_compile={model.jit_compile})":
+        "plain model.predict on preprocessed 299x299 batches "
+        f"(jit_compile={model.jit_compile})":
             (lambda batch: model.predict(batch, batch_size=BATCH_SIZE, verbose=0), preprocessed),
     }
     seconds = dict.fromkeys(methods, 0.0)
@@ -108,7 +122,8 @@ def bench_inception_frechet_distance():
     a, b = (fid.Statistics(mu=half.mean(axis=0), sigma=np.cov(half, rowvar=False), n=len(half),
                            features="inception") for half in np.split(features, 2))
     distance, seconds = timed(fid.frechet_distance, a, b)
-    print(f"frechet_distance on 2048-d statistics (scipy sqrtm): {distance:.4f} in {seconds:.1f} s")
+    print(f"frechet_distance on 2048-d statistics (scipy sqrtm): {distance:.4f} in "
+          f"{seconds:.1f} s")
 
 
 def calibrated_random_inception(images):
@@ -126,24 +141,30 @@ def calibrated_random_inception(images):
 
 def bench_inception_bfloat16(weights, count=1000):
     images, source = mnist_test_images()
-    noisy = np.clip(images[:count] / 255 + 0.1 * np.random.default_rng(0).standard_normal(images[:count].shape), 0,
-                    1).astype(np.float32)
-    reference = fid.load_inception(weights) if weights else calibrated_random_inception(images[-32:])
+    noisy = noisy_copy(images[:count]).astype(np.float32)
+    reference = (fid.load_inception(weights) if weights
+                 else calibrated_random_inception(images[-32:]))
     images = images[:count]
-    print(f"Inception FID in float32 and mixed_bfloat16, {source}, {count} images vs a noisy copy, "
-          f"{'weights ' + str(weights) if weights else 'random weights with calibrated batch norms'}:")
+    described = (f"weights {weights}" if weights
+                 else "random weights with calibrated batch norms")
+    print(f"Inception FID in float32 and mixed_bfloat16, {source}, {count} images vs a noisy "
+          f"copy, {described}:")
     distances = {}
     for policy in ("float32", "mixed_bfloat16"):
         model = fid.load_inception(weights, dtype_policy=policy)
         model.set_weights(reference.get_weights())
-        fid.inception_statistics(images[:BATCH_SIZE], model, batch_size=BATCH_SIZE, verbose=False)  # traces
+        fid.inception_statistics(images[:BATCH_SIZE], model, batch_size=BATCH_SIZE,
+                                 verbose=False)  # traces
         start = time.perf_counter()
-        statistics = [fid.inception_statistics(x, model, batch_size=BATCH_SIZE, verbose=False) for x in (images, noisy)]
+        statistics = [fid.inception_statistics(x, model, batch_size=BATCH_SIZE, verbose=False)
+                      for x in (images, noisy)]
         seconds = time.perf_counter() - start
         distances[policy] = fid.frechet_distance(*statistics)
-        print(f"  {policy:15s}: FID {distances[policy]:.4f}, {2 * count / seconds:.1f} images/s")
+        print(f"  {policy:15s}: FID {distances[policy]:.4f}, "
+              f"{2 * count / seconds:.1f} images/s")
     change = abs(distances["mixed_bfloat16"] / distances["float32"] - 1)
-    print(f"  mixed_bfloat16 moves the FID by {change:.3%} (target <= 0.5%) -> {'met' if change <= 0.005 else 'NOT met'}")
+    print(f"  mixed_bfloat16 moves the FID by {change:.3%} (target <= 0.5%) -> "
+          f"{'met' if change <= 0.005 else 'NOT met'}")
 
 
 if __name__ == "__main__":
@@ -152,5 +173,6 @@ if __name__ == "__main__":
     if "--classifier-only" not in sys.argv:
         bench_inception_throughput()
         bench_inception_frechet_distance()
-        weights = sys.argv[sys.argv.index("--inception-weights") + 1] if "--inception-weights" in sys.argv else None
+        weights = (sys.argv[sys.argv.index("--inception-weights") + 1]
+                   if "--inception-weights" in sys.argv else None)
         bench_inception_bfloat16(weights)

@@ -1,7 +1,8 @@
 """The importance-weighted log-likelihood estimate in float32 and in bfloat16: speed, peak memory
 and how far the estimate moves (not a test: run it by hand).
 
-    .venv/bin/python tests/bench_likelihood.py RESULTS_DIR [RESULTS_DIR ...] [--test-size 1000] [--k 100 500]
+    .venv/bin/python tests/bench/bench_likelihood.py RESULTS_DIR [RESULTS_DIR ...]
+        [--test-size 1000] [--k 100 500]
 
 Each RESULTS_DIR holds a trained run (model.keras and metrics.json, from vae.py or conv_vae.py).
 For each, and each K, the estimate runs twice with the same weights and the same noise, its
@@ -18,8 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+# Options that runs older than them did not record, at their defaults.
+CONFIG_DEFAULTS = {"beta": 1.0, "kl_warmup_epochs": 0, "activation": "relu", "hidden_layers": 1,
+                   "dense_units": 32, "dense_layers": 1, "dataset": "mnist"}
 
 
 def estimate(results_dir, policy, num_samples, test_size, data):
@@ -30,16 +35,15 @@ def estimate(results_dir, policy, num_samples, test_size, data):
     import vae
 
     metrics = json.loads((results_dir / "metrics.json").read_text())
-    config = argparse.Namespace(**{"beta": 1.0, "kl_warmup_epochs": 0, "activation": "relu", "hidden_layers": 1, "dense_units": 32, "dense_layers": 1, **metrics["config"], "dtype_policy": policy})
-    builders = ((conv_vae.conv_encoder, conv_vae.conv_decoder) if metrics["model"] == "Convolutional VAE"
-                else (vae.dense_encoder, vae.dense_decoder))
-    x_test = vae.to_float_images(vae.load_mnist(data)[2][:test_size])
-    model = vae.build_model(config, *builders)
+    config = argparse.Namespace(**{**CONFIG_DEFAULTS, **metrics["config"], "dtype_policy": policy})
+    architecture = conv_vae.CONV if metrics["model"] == conv_vae.CONV.title else vae.DENSE
+    x_test = vae.to_float_images(vae.load_dataset(data, config.dataset)[2][:test_size])
+    model = vae.build_model(config, architecture, x_test.shape[1:])
     model(x_test[:1])
     model.set_weights(vae.load_saved_model(results_dir / "model.keras").get_weights())
     start = time.perf_counter()
-    log_likelihood = vae.importance_weighted_log_likelihood(model, x_test, num_samples, seed=0, xla=config.xla,
-                                                            verbose=False)
+    log_likelihood = vae.importance_weighted_log_likelihood(
+        model, x_test, num_samples, seed=0, xla=architecture.xla, verbose=False)
     return {"mean": float(np.mean(log_likelihood)), "seconds": time.perf_counter() - start,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -53,26 +57,29 @@ def main():
     parser.add_argument("--case", nargs=2, metavar=("POLICY", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(estimate(args.results_dirs[0], args.case[0], int(args.case[1]), args.test_size, args.data)))
+        print(json.dumps(estimate(args.results_dirs[0], args.case[0], int(args.case[1]),
+                                  args.test_size, args.data)))
         return
     for results_dir in args.results_dirs:
         model = json.loads((results_dir / "metrics.json").read_text())
-        print(f"\n{results_dir} ({model['model']}, trained in {model['config'].get('dtype_policy', 'float32')}), "
-              f"{args.test_size} test images:")
+        print(f"\n{results_dir} ({model['model']}, trained in "
+              f"{model['config'].get('dtype_policy', 'float32')}), {args.test_size} test images:")
         for num_samples in args.k:
             results = {}
             for policy in ("float32", "mixed_bfloat16"):
-                output = subprocess.run([sys.executable, __file__, str(results_dir), "--case", policy, str(num_samples),
-                                         "--test-size", str(args.test_size), "--data", args.data],
-                                        capture_output=True, text=True, check=True).stdout
-                results[policy] = json.loads(output.strip().splitlines()[-1])
-                print(f"  K={num_samples:<5d} {policy:15s} log-likelihood {results[policy]['mean']:.4f} nats, "
-                      f"{results[policy]['seconds']:.1f} s, peak memory {results[policy]['peak_mb']:,.0f} MB "
-                      f"(target < 3,000: {'met' if results[policy]['peak_mb'] < 3000 else 'NOT met'})")
+                output = subprocess.run(
+                    [sys.executable, __file__, str(results_dir), "--case", policy,
+                     str(num_samples), "--test-size", str(args.test_size), "--data", args.data],
+                    capture_output=True, text=True, check=True).stdout
+                result = results[policy] = json.loads(output.strip().splitlines()[-1])
+                print(f"  K={num_samples:<5d} {policy:15s} log-likelihood {result['mean']:.4f} "
+                      f"nats, {result['seconds']:.1f} s, peak memory {result['peak_mb']:,.0f} MB "
+                      f"(target < 3,000: {'met' if result['peak_mb'] < 3000 else 'NOT met'})")
             difference = results["mixed_bfloat16"]["mean"] - results["float32"]["mean"]
-            print(f"  K={num_samples:<5d} bfloat16 - float32: {difference:+.4f} nats (target within 0.05: "
-                  f"{'met' if abs(difference) <= 0.05 else 'NOT met'}), speed-up "
-                  f"{results['float32']['seconds'] / results['mixed_bfloat16']['seconds']:.2f}x")
+            speed_up = results["float32"]["seconds"] / results["mixed_bfloat16"]["seconds"]
+            print(f"  K={num_samples:<5d} bfloat16 - float32: {difference:+.4f} nats (target "
+                  f"within 0.05: {'met' if abs(difference) <= 0.05 else 'NOT met'}), speed-up "
+                  f"{speed_up:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""The markdown tables of the committed results, printed from their files, so that README.md and
+results/README.md cannot drift from them (tests/test_readme.py checks both documents).
+
+    python tests/results_tables.py            # print all three tables
+    python tests/results_tables.py --write    # put them into README.md and results/README.md
+
+Each table sits in its document between `<!-- NAME -->` and `<!-- /NAME -->`.
+"""
+
+import csv
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The committed runs, in the README's order: folder under results/, and what the row is.
+RUNS = [
+    ("vae", "dense, as the original"),
+    ("vae_tuned", "dense, tuned"),
+    ("conv_vae", "conv, as the original"),
+    ("conv_vae_tuned", "conv, tuned"),
+    ("fashion_vae", "dense, Fashion-MNIST"),
+]
+ORIGINAL_PIXEL_FID = {"vae.py": "20.359", "conv_vae.py": "15.511"}  # the original's README
+ALWAYS_SHOWN = ("latent_dim", "epochs")  # in every command, as the original gives them
+NOT_IN_COMMANDS = ("data", "results_dir")  # machine-specific; the command names its own folder
+
+
+def load_metrics(folder):
+    return json.loads((ROOT / "results" / folder / "metrics.json").read_text())
+
+
+def command(metrics, folder):
+    """The command that makes the run: its options that differ from the script's defaults."""
+    import conv_vae
+    import vae
+
+    architecture = vae.DENSE if metrics["model"] == vae.DENSE.title else conv_vae.CONV
+    parser, _ = vae.build_parser(architecture)
+    flags = []
+    for action in parser._actions:  # argparse keeps no public list of its options
+        key, option = action.dest, action.option_strings[-1] if action.option_strings else None
+        if key not in metrics["config"] or key in NOT_IN_COMMANDS or option is None:
+            continue
+        value = metrics["config"][key]
+        default = action.default
+        if action.type is vae.fid_kinds:
+            default, value = vae.fid_kinds(default), tuple(value)
+        if value == default and key not in ALWAYS_SHOWN:
+            continue
+        if isinstance(value, bool):
+            flags.append(option)
+        else:
+            shown = ",".join(value) if isinstance(value, tuple) else value
+            flags.append(f"{option} {shown}")
+    return " ".join(["python", architecture.script, *flags, "--results-dir", f"results/{folder}"])
+
+
+def number(value, digits=2):
+    return "—" if value is None else f"{value:.{digits}f}".replace("-", "\N{MINUS SIGN}")
+
+
+def readme_table():
+    rows = ["| run | pixel FID, reconstructions (original) | classifier FID, samples | "
+            "test ELBO | log p(x) | command |", "|---|---|---|---|---|---|"]
+    for folder, label in RUNS:
+        m = load_metrics(folder)
+        script = command(m, folder).split()[1]
+        original = ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist" else "—"
+        rows.append(f"| {label} | **{number(m['fid_pixel_recon'])}** ({original}) | "
+                    f"{number(m['fid_classifier_samples'], 1)} | {number(m['test_elbo'])} | "
+                    f"{number(m.get('test_log_likelihood_iw'))} (K={m.get('iw_samples', '—')}) | "
+                    f"`{command(m, folder)}` |")
+    return "\n".join(rows)
+
+
+def committed_runs_table():
+    rows = ["| folder | seed | epochs | K | training (s) | evaluation (s) | pixel FID recon / samples "
+            "| classifier FID recon / samples | test ELBO | log p(x) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for folder, _ in RUNS:
+        m = load_metrics(folder)
+        rows.append(
+            f"| `results/{folder}` | {m['config']['seed']} | {m['epochs']} | {m.get('iw_samples', '—')} "
+            f"| {sum(m['seconds_per_epoch']):.0f} | {number(m.get('evaluation_seconds'), 0)} "
+            f"| {number(m['fid_pixel_recon'])} / {number(m['fid_pixel_samples'])} "
+            f"| {number(m['fid_classifier_recon'], 1)} / {number(m['fid_classifier_samples'], 1)} "
+            f"| {number(m['test_elbo'])} | {number(m.get('test_log_likelihood_iw'))} |")
+    return "\n".join(rows)
+
+
+def tuning_table():
+    """results/tuning.csv, one row per configuration: medians over its seeds."""
+    with open(ROOT / "results" / "tuning.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    configurations = {}
+    for run in runs:
+        configurations.setdefault((run["script"], run["flags"], run["epochs"]), []).append(run)
+    rows = ["| script | flags | epochs | seeds | pixel FID recon | classifier FID samples | "
+            "test ELBO | log p(x) (K) | training (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (script, flags, epochs), group in configurations.items():
+        def median(key):
+            return statistics.median(float(run[key]) for run in group)
+        seeds = ",".join(run["seed"] for run in group)
+        rows.append(f"| {script} | `{flags}` | {epochs} | {seeds} | {number(median('fid_pixel_recon'))} "
+                    f"| {number(median('fid_classifier_samples'), 1)} | {number(median('test_elbo'))} "
+                    f"| {number(median('test_log_likelihood_iw'))} ({group[0]['iw_samples']}) "
+                    f"| {median('train_seconds'):.0f} |")
+    return "\n".join(rows)
+
+
+TABLES = {"results-table": readme_table, "committed-runs-table": committed_runs_table,
+          "tuning-table": tuning_table}
+DOCUMENTS = {"results-table": ROOT / "README.md", "committed-runs-table": ROOT / "results" / "README.md",
+             "tuning-table": ROOT / "results" / "README.md"}
+
+
+def block(name):
+    return f"<!-- {name} -->\n{TABLES[name]()}\n<!-- /{name} -->"
+
+
+if __name__ == "__main__":
+    for name, document in DOCUMENTS.items():
+        if "--write" in sys.argv:
+            text = re.sub(f"<!-- {name} -->\n.*?<!-- /{name} -->", lambda _: block(name),
+                          document.read_text(), flags=re.S)
+            document.write_text(text)
+        else:
+            print(block(name) + "\n")
