@@ -10,9 +10,14 @@
   mnist_frechet_distance and Bińkowski et al.'s LeNet features do). Trained once per training
   set from a fixed seed and cached; comparable only between runs that use the same classifier.
 
+On the same features: the kernel distance (KID, Bińkowski et al. 2018), unbiased and with no
+Gaussian assumption, and precision, recall, density and coverage (Kynkäänniemi et al. 2019,
+Naeem et al. 2020), which tell fidelity (samples look real) from diversity (they cover the data).
+
 Command line, in the style of pytorch-fid (`python -m pytorch_fid A B`):
     python fid.py A B                          FID between two image sets or statistics files
     python fid.py --save-stats IMAGES OUT.npz  save statistics to compare against later
+    python fid.py REAL FAKE --kid --prdc       add KID and precision/recall/density/coverage
 """
 
 import argparse
@@ -42,6 +47,7 @@ INCEPTION_INPUT_SHAPE = (299, 299, 3)
 SQRTM_EPS = 1e-6
 MAX_IMAGINARY_COMPONENT = 1e-3  # pytorch-fid's tolerance on the diagonal of sqrtm
 LUMINANCE_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, for RGB inputs
+KID_SUBSET_SIZE = 1000  # as in torch-fidelity and the KID authors' code
 
 
 # ---- Shared command-line helpers and I/O (vae.py and conv_vae.py use them too) ----
@@ -184,12 +190,29 @@ def to_unit_float(images, dtype) -> np.ndarray:
     return images.astype(dtype, copy=False)
 
 
+def statistics_from_features(features, kind) -> Statistics:
+    """Mean and covariance (np.cov, N - 1) of an (N, d) feature matrix, in float64: FID from
+    the features that KID and PRDC use, with no second pass over the images. For "pixel" and
+    "classifier" the very numbers of their statistics functions; Inception's streamed sums
+    differ from np.cov in the last digits."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"need an (N, d) feature matrix with N >= 2, got shape {features.shape}")
+    return Statistics(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False),
+                      n=len(features), features=kind)
+
+
+def pixel_features(images) -> np.ndarray:
+    """The flattened pixels in [0, 1], float64: the original metric's features."""
+    images = check_images(images, flat_allowed=True)
+    return to_unit_float(images, np.float64).reshape(len(images), -1)
+
+
 def pixel_statistics(images) -> Statistics:
     """Mean and covariance of the flattened pixels in [0, 1], float64 (the original metric)."""
-    images = check_images(images, flat_allowed=True)
-    pixels = to_unit_float(images, np.float64).reshape(len(images), -1)
-    return Statistics(mu=pixels.mean(axis=0), sigma=np.cov(pixels, rowvar=False),
-                      n=len(pixels), features="pixel")
+    return statistics_from_features(pixel_features(images), "pixel")
 
 
 def pixel_fid(images_a, images_b) -> float:
@@ -244,13 +267,12 @@ class StderrProgbar(keras.utils.Progbar):
             super().update(current, values, finalize)
 
 
-def inception_statistics(images, model, batch_size=50, verbose=True, skip_hint="") -> Statistics:
-    """Mean and covariance of Inception pool features, streamed in batches.
+def inception_feature_batches(images, model, batch_size=50, verbose=True, skip_hint=""):
+    """Inception pool features of checked images, one float32 batch at a time, with the progress
+    on stderr: the statistics stream them, inception_features keeps them.
 
-    Only float64 running sums of x and x x^T are kept, never the N x 2048 feature matrix.
     skip_hint is appended to the time estimate printed after the first batch.
     """
-    images = check_images(images)
     total = len(images)
     # XLA (jit_compile=True) is slower for Inception on CPU, so it stays off. The signature leaves
     # batch and image size open, so the last, smaller batch reuses the graph.
@@ -263,22 +285,40 @@ def inception_statistics(images, model, batch_size=50, verbose=True, skip_hint="
         extract_features(to_unit_float(images[:1], np.float32))  # trace first: timings leave it out
     progress = StderrProgbar(total, verbose=int(verbose), unit_name="image")
     start_time = time.perf_counter()
-    feature_sum = np.zeros(model.output_shape[-1])
-    outer_product_sum = np.zeros((feature_sum.size, feature_sum.size))
     for start in range(0, total, batch_size):
         batch = to_unit_float(images[start:start + batch_size], np.float32)
-        features = extract_features(batch).numpy().astype(np.float64)
-        feature_sum += features.sum(axis=0)
-        outer_product_sum += features.T @ features
+        yield extract_features(batch).numpy()
         done = start + len(batch)
         if verbose and start == 0:
             elapsed = time.perf_counter() - start_time
             print(f"fid: first batch took {elapsed:.1f} s, estimated total "
                   f"{format_duration(elapsed * total / done)}{skip_hint}", file=sys.stderr)
         progress.update(done)
+
+
+def inception_statistics(images, model, batch_size=50, verbose=True, skip_hint="") -> Statistics:
+    """Mean and covariance of Inception pool features, streamed in batches.
+
+    Only float64 running sums of x and x x^T are kept, never the N x 2048 feature matrix.
+    """
+    images = check_images(images)
+    total = len(images)
+    feature_sum = np.zeros(model.output_shape[-1])
+    outer_product_sum = np.zeros((feature_sum.size, feature_sum.size))
+    for features in inception_feature_batches(images, model, batch_size, verbose, skip_hint):
+        features = features.astype(np.float64)
+        feature_sum += features.sum(axis=0)
+        outer_product_sum += features.T @ features
     mu = feature_sum / total
     sigma = (outer_product_sum - total * np.outer(mu, mu)) / (total - 1)  # N-1, like numpy.cov
     return Statistics(mu=mu, sigma=sigma, n=total, features="inception")
+
+
+def inception_features(images, model, batch_size=50, verbose=True, skip_hint="") -> np.ndarray:
+    """The (N, 2048) float32 Inception pool features, for KID and PRDC."""
+    images = check_images(images)
+    return np.concatenate(list(inception_feature_batches(images, model, batch_size, verbose,
+                                                         skip_hint)))
 
 
 def default_cache_dir() -> Path:
@@ -336,6 +376,18 @@ def statistics_from_arrays(arrays: dict, path) -> Statistics:
     return Statistics(mu=mu, sigma=sigma, n=int(arrays["n"]), features=features)
 
 
+def feature_network(features, network):
+    """The network that features need (None for pixels); the ImageNet Inception if none given."""
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
+    if features == "inception" and network is None:
+        return load_inception()
+    if features == "classifier" and network is None:
+        raise ValueError("classifier features need a classifier "
+                         "(load_or_train_classifier or load_classifier)")
+    return network
+
+
 def compute_statistics(images, features="pixel", network=None, batch_size=50,
                        cache_dir=None, verbose=True, skip_hint="") -> Statistics:
     """Statistics of one image set, cached in cache_dir when given (e.g. for the test set).
@@ -344,14 +396,8 @@ def compute_statistics(images, features="pixel", network=None, batch_size=50,
     "classifier" one from load_or_train_classifier or load_classifier. skip_hint ends the
     estimate of a long Inception pass (how the caller's user skips it).
     """
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
+    network = feature_network(features, network)
     images = np.asarray(images)
-    if features == "inception" and network is None:
-        network = load_inception()
-    if features == "classifier" and network is None:
-        raise ValueError("classifier features need a classifier "
-                         "(load_or_train_classifier or load_classifier)")
 
     def compute():
         if features == "pixel":
@@ -379,6 +425,160 @@ def compute_statistics(images, features="pixel", network=None, batch_size=50,
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     save_statistics(cache_path, statistics, fingerprint=fingerprint)
     return statistics
+
+
+def compute_features(images, features, network=None, batch_size=50, cache_dir=None,
+                     verbose=True, skip_hint="") -> np.ndarray:
+    """The (N, d) feature matrix of one image set, for KID and PRDC (and FID through
+    statistics_from_features), cached in cache_dir when given, so runs compute the test set's
+    once. float64 for "pixel" (as pixel_statistics), float32 as the networks give them.
+
+    network, batch_size and skip_hint: as for compute_statistics.
+    """
+    network = feature_network(features, network)
+    images = np.asarray(images)
+
+    def compute():
+        if features == "pixel":
+            return pixel_features(images)
+        if features == "classifier":
+            return classifier_features(images, network)
+        return inception_features(images, network, batch_size=batch_size, verbose=verbose,
+                                  skip_hint=skip_hint)
+
+    if cache_dir is None:
+        return compute()
+    fingerprint = statistics_fingerprint(images, features, network)
+    cache_path = Path(cache_dir) / f"{features}-features-{fingerprint}.npz"
+    if cache_path.exists():
+        try:
+            arrays = read_npz(cache_path)
+            if str(arrays.get("fingerprint")) == fingerprint:
+                matrix = arrays.get("features")
+                if matrix is None or matrix.ndim != 2 or len(matrix) != len(images):
+                    raise ValueError(f"{cache_path} holds no features of {len(images)} images")
+                if verbose:
+                    print(f"fid: using cached features {cache_path}", file=sys.stderr)
+                return matrix
+        except ValueError as error:  # unreadable entries are recomputed and overwritten
+            if verbose:
+                print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
+    matrix = compute()
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            np.savez(file, features=matrix, kind=features, fingerprint=fingerprint)
+    atomic_write(cache_path, write)
+    return matrix
+
+
+# ---- Kernel distance (KID) and precision, recall, density, coverage ----
+
+
+def check_feature_sets(features_a, features_b):
+    """Two (N, d) feature matrices of the same d, as finite float64."""
+    a, b = (np.asarray(features, dtype=np.float64) for features in (features_a, features_b))
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"expected (N, d) feature matrices, got shapes {a.shape} and {b.shape}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("features contain NaN or infinite values")
+    return a, b
+
+
+def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_SIZE, seed=0):
+    """KID (Bińkowski et al. 2018): the unbiased estimate of MMD^2 with the kernel
+    k(x, y) = (x.y / d + 1)^3, as (mean, standard deviation) over random subsets.
+
+    Subsets are drawn without replacement, 100 of 1000 by default, as the reference code,
+    torch-fidelity, torchmetrics and clean-fid do: the estimate is unbiased for any subset size,
+    but its variance (and the time, quadratic in the size) is not. The standard deviation is
+    NumPy's (ddof=0, as torch-fidelity's). Unbiased means it can be slightly negative.
+    """
+    a, b = check_feature_sets(features_a, features_b)
+    if subset_size > min(len(a), len(b)):
+        raise ValueError(f"subset_size {subset_size} is larger than a set: "
+                         f"{len(a)} and {len(b)} features")
+    if subset_size < 2:
+        raise ValueError(f"subset_size must be at least 2, got {subset_size}")
+    rng = np.random.default_rng(seed)
+    m, dimension = subset_size, a.shape[1]
+    estimates = np.empty(subsets)
+    for index in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        k_xx, k_yy, k_xy = ((u @ v.T / dimension + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+        # The diagonals k(x, x) would bias the within-set terms: they are left out.
+        estimates[index] = ((k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
+                            / (m * (m - 1)) - 2 * k_xy.sum() / m**2)
+    return float(estimates.mean()), float(estimates.std())
+
+
+def squared_distance_blocks(a, b, a_norms, b_norms, block_size):
+    """(start, squared Euclidean distances from a[start:start + block_size] to every row of b),
+    by ||a||^2 + ||b||^2 - 2 a.b clipped at 0: block x len(b) memory, never len(a) x len(b)."""
+    for start in range(0, len(a), block_size):
+        block = a[start:start + block_size] @ b.T
+        block *= -2
+        block += a_norms[start:start + block_size, None]
+        block += b_norms
+        yield start, np.maximum(block, 0, out=block)
+
+
+def kth_neighbour_radii(features, norms, k, block_size):
+    """Squared distance of each sample to its k-th nearest neighbour in its own set, itself
+    excluded."""
+    radii = np.empty(len(features))
+    for start, block in squared_distance_blocks(features, features, norms, norms, block_size):
+        rows = np.arange(len(block))
+        block[rows, start + rows] = np.inf  # the sample itself
+        block.partition(k - 1, axis=1)
+        radii[start:start + len(block)] = block[:, k - 1]
+    return radii
+
+
+def precision_recall_density_coverage(real_features, fake_features, k=5, block_size=1000):
+    """Precision and recall (Kynkäänniemi et al. 2019) with density and coverage (Naeem et al.
+    2020), from balls around each sample reaching its k-th nearest neighbour in its own set:
+
+    precision: share of fake samples in at least one real ball (fidelity);
+    recall:    share of real samples in at least one fake ball (diversity);
+    density:   real balls holding each fake sample, averaged, divided by k (about 1 when the
+               sets come from one distribution; above 1 for samples crowding dense regions);
+    coverage:  share of real samples whose ball holds a fake sample (diversity, robust to
+               outlying fake samples, unlike recall).
+
+    k=5 as Naeem et al. and prdc's example (with 10,000 samples a set) use; Kynkäänniemi et al.
+    use 3, whose smaller balls give lower values. Balls are closed (<=), as in Kynkäänniemi
+    et al.'s definition and code;
+    prdc's code uses <. They differ only on exact ties, e.g. duplicate samples, or a set against
+    itself, where density is (k + 1) / k here and 1 in prdc.
+
+    Distances are computed in float64 blocks of block_size rows (memory block_size x N, for
+    10,000 samples 80 MB). A sample's radius and its comparisons with the other set come from
+    the same row blocks, so a set against a copy of itself rounds the same both ways.
+    """
+    real, fake = check_feature_sets(real_features, fake_features)
+    if not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"k={k} needs more than k samples in each set and k >= 1, "
+                         f"got {len(real)} real and {len(fake)} fake")
+    real_norms, fake_norms = (np.einsum("ij,ij->i", x, x) for x in (real, fake))
+    real_radii = kth_neighbour_radii(real, real_norms, k, block_size)
+    fake_radii = kth_neighbour_radii(fake, fake_norms, k, block_size)
+    balls_holding_fake = np.zeros(len(fake), dtype=np.int64)
+    recalled, covered = np.empty(len(real), bool), np.empty(len(real), bool)
+    for start, block in squared_distance_blocks(real, fake, real_norms, fake_norms, block_size):
+        stop = start + len(block)
+        in_real_balls = block <= real_radii[start:stop, None]  # (real, fake)
+        balls_holding_fake += in_real_balls.sum(axis=0)
+        covered[start:stop] = in_real_balls.any(axis=1)
+        recalled[start:stop] = (block <= fake_radii).any(axis=1)
+    return {"precision": float(np.mean(balls_holding_fake > 0)),
+            "recall": float(recalled.mean()),
+            "density": float(balls_holding_fake.sum() / (k * len(fake))),
+            "coverage": float(covered.mean())}
 
 
 # ---- Digit classifier ----
@@ -560,8 +760,8 @@ def newest_cached_classifier(cache_dir=None):
     return cached[-1] if cached else None
 
 
-def classifier_statistics(images, classifier, batch_size=1000) -> Statistics:
-    """Mean and covariance of the classifier's penultimate-layer activations, in float64."""
+def classifier_features(images, classifier, batch_size=1000) -> np.ndarray:
+    """The classifier's penultimate-layer activations, (N, d) float32."""
     images = check_images(images)
     if images.shape[1:] != tuple(classifier.inputs[0].shape[1:3]):
         height, width = classifier.inputs[0].shape[1:3]
@@ -573,9 +773,13 @@ def classifier_statistics(images, classifier, batch_size=1000) -> Statistics:
         ops.convert_to_numpy(extractor(
             to_unit_float(images[start:start + batch_size], np.float32)[..., None]))
         for start in range(0, len(images), batch_size)])
-    features = features.reshape(len(images), -1).astype(np.float64)
-    return Statistics(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), n=len(images),
-                      features="classifier")
+    return features.reshape(len(images), -1)
+
+
+def classifier_statistics(images, classifier, batch_size=1000) -> Statistics:
+    """Mean and covariance of the classifier's penultimate-layer activations, in float64."""
+    return statistics_from_features(classifier_features(images, classifier, batch_size),
+                                    "classifier")
 
 
 # ---- Command line ----
@@ -633,7 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fréchet distance between two image sets in Inception, classifier or pixel "
                     "features. Each of A and B is an .npz of images (uint8 0-255 or float in "
                     "[0, 1]), a folder of PNG images, or a statistics file written by "
-                    "--save-stats.")
+                    "--save-stats. --kid and --prdc add kernel distance and precision, recall, "
+                    "density and coverage on the same features, from images only.")
     parser.add_argument("a", metavar="A", help="first set; with --save-stats: the images")
     parser.add_argument("b", metavar="B", help="second set; with --save-stats: the .npz to write")
     parser.add_argument("--save-stats", action="store_true",
@@ -656,6 +861,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", default="images",
                         help="array to read from an .npz that holds several; a file with a single "
                              "array is read whatever its name (default: %(default)s)")
+    parser.add_argument("--kid", action="store_true",
+                        help="also print the kernel distance (KID): mean ± standard deviation "
+                             "over random subsets")
+    parser.add_argument("--kid-subsets", type=positive_int, default=100, metavar="N",
+                        help="random subsets the KID averages over (default: %(default)s)")
+    parser.add_argument("--kid-subset-size", type=positive_int, metavar="N",
+                        help=f"samples in each KID subset (default: {KID_SUBSET_SIZE}, or the "
+                             "smaller set's size if a set is smaller)")
+    parser.add_argument("--prdc", action="store_true",
+                        help="also print precision, recall, density and coverage, with A as the "
+                             "real set and B as the generated one")
+    parser.add_argument("--prdc-k", type=positive_int, default=5, metavar="K",
+                        help="nearest neighbour whose distance is a sample's radius "
+                             "(default: %(default)s)")
     return parser
 
 
@@ -676,6 +895,38 @@ def command_line_classifier(path):
     return classifier
 
 
+def kid_subset_size(args, paths, inputs):
+    """The KID subset size (None without --kid), after checking that --kid and --prdc have two
+    image sets large enough for them, before the slow part. It defaults to KID_SUBSET_SIZE, or
+    the smaller set's size, with a note."""
+    requested = [flag for flag, wanted in (("--kid", args.kid), ("--prdc", args.prdc)) if wanted]
+    if not requested:
+        return None
+    if args.save_stats:
+        raise ValueError(f"{' and '.join(requested)} compare two sets: "
+                         f"not possible with --save-stats")
+    for path, item in zip(paths, inputs):
+        if isinstance(item, Statistics):
+            raise ValueError(f"{path} is a statistics file: with {' and '.join(requested)}, "
+                             f"pass images (they need the features of every image)")
+    sizes = [len(item) for item in inputs]
+    if args.prdc and args.prdc_k >= min(sizes):
+        raise ValueError(f"--prdc-k {args.prdc_k} needs more than {args.prdc_k} images in each "
+                         f"set, got {sizes[0]} and {sizes[1]}")
+    if not args.kid:
+        return None
+    if args.kid_subset_size is None:
+        size = min(KID_SUBSET_SIZE, *sizes)
+        if size < KID_SUBSET_SIZE:
+            print(f"fid: KID subsets of {size} samples, the smaller set's size "
+                  f"(default {KID_SUBSET_SIZE})", file=sys.stderr)
+        return size
+    if args.kid_subset_size > min(sizes):
+        raise ValueError(f"--kid-subset-size {args.kid_subset_size} is larger than a set: "
+                         f"{sizes[0]} and {sizes[1]} images")
+    return args.kid_subset_size
+
+
 def run_command(args) -> None:
     """What main does after parsing; input problems raise ValueError or InceptionUnavailable."""
     paths = [args.a] if args.save_stats else [args.a, args.b]
@@ -689,6 +940,7 @@ def run_command(args) -> None:
                 check_images(item, flat_allowed=args.features == "pixel")
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from error
+    subset_size = kid_subset_size(args, paths, inputs)
     if args.save_stats and not Path(args.b).parent.is_dir():
         raise ValueError(f"cannot write {args.b}: its folder does not exist")
     network = None
@@ -697,16 +949,28 @@ def run_command(args) -> None:
             network = load_inception(args.inception_weights)
         elif args.features == "classifier":
             network = command_line_classifier(args.classifier)
-    statistics = [item if isinstance(item, Statistics) else
-                  compute_statistics(item, args.features, network, args.batch_size)
-                  for item in inputs]
+    if args.kid or args.prdc:  # one feature pass for all metrics
+        features = [compute_features(item, args.features, network, args.batch_size)
+                    for item in inputs]
+        statistics = [statistics_from_features(matrix, args.features) for matrix in features]
+    else:
+        statistics = [item if isinstance(item, Statistics) else
+                      compute_statistics(item, args.features, network, args.batch_size)
+                      for item in inputs]
     if args.save_stats:
         save_statistics(args.b, statistics[0])
         print(f"saved {args.features} statistics of {statistics[0].n} images to {args.b}")
-    else:
-        # + 0.0: no "-0.0000" from round-off
-        distance = round(frechet_distance(*statistics), 4) + 0.0
-        print(f"FID ({args.features}): {distance:.4f}")
+        return
+    # + 0.0: no "-0.0000" from round-off
+    distance = round(frechet_distance(*statistics), 4) + 0.0
+    print(f"FID ({args.features}): {distance:.4f}")
+    if args.kid:
+        mean, std = kernel_distance(*features, args.kid_subsets, subset_size)
+        print(f"KID ({args.features}): {mean:.5g} ± {std:.2g}")
+    if args.prdc:
+        metrics = precision_recall_density_coverage(*features, k=args.prdc_k)
+        print("  ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+              + f" (k={args.prdc_k})")
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage
+import scipy.spatial.distance
 
 from conftest import ROOT as REPO_ROOT
 from conftest import tiny_digits
@@ -268,6 +269,128 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert fid.default_cache_dir() == Path.home() / ".cache" / "mnist-vae-fid"
 
 
+def test_compute_features_uses_the_cache_and_gives_the_pixel_fid(tmp_path, monkeypatch, capsys):
+    calls = []
+    real_pixel_features = fid.pixel_features
+    monkeypatch.setattr(fid, "pixel_features",
+                        lambda images: calls.append(1) or real_pixel_features(images))
+    images, other = random_images(4), random_images(5)
+
+    first = fid.compute_features(images, "pixel", cache_dir=tmp_path)
+    second = fid.compute_features(images, "pixel", cache_dir=tmp_path)
+    assert len(calls) == 1 and "using cached features" in capsys.readouterr().err
+    np.testing.assert_array_equal(first, second)
+    assert first.shape == (100, 64) and second.dtype == np.float64
+    [entry] = tmp_path.iterdir()
+    assert entry.name == f"pixel-features-{fid.statistics_fingerprint(images, 'pixel')}.npz"
+
+    entry.write_bytes(b"not an npz")  # a damaged entry is recomputed and replaced
+    np.testing.assert_array_equal(fid.compute_features(images, "pixel", cache_dir=tmp_path), first)
+    assert len(calls) == 2 and "ignoring cache entry" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == [entry.name]  # no temporary files left
+
+    other_features = fid.compute_features(other, "pixel")
+    from_features = fid.frechet_distance(fid.statistics_from_features(first, "pixel"),
+                                         fid.statistics_from_features(other_features, "pixel"))
+    assert from_features == fid.frechet_distance(fid.compute_statistics(images, "pixel"),
+                                                 fid.compute_statistics(other, "pixel"))
+
+
+# ---------------------------------------------------------------- kernel distance (KID)
+
+
+def test_kernel_distance_matches_the_unbiased_formula_on_one_subset_of_all_samples():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 7)), rng.normal(0.3, 1.2, size=(60, 7))
+
+    def kernel(x, y):
+        return (x @ y.T / 7 + 1) ** 3
+
+    off_diagonal = ~np.eye(60, dtype=bool)
+    expected = (kernel(a, a)[off_diagonal].mean() + kernel(b, b)[off_diagonal].mean()
+                - 2 * kernel(a, b).mean())
+    mean, std = fid.kernel_distance(a, b, subsets=1, subset_size=60)
+    assert mean == pytest.approx(expected, rel=1e-6, abs=1e-6) and std == 0
+
+
+def test_kernel_distance_is_near_zero_for_one_distribution_and_grows_with_noise():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(2000, 16))
+    a, b = features[:1000], features[1000:]
+
+    def kid(other):
+        return fid.kernel_distance(a, other, subsets=20, subset_size=500)[0]
+
+    same = kid(b)
+    noisy = [kid(b + rng.normal(0, level, b.shape)) for level in (0.25, 0.5, 1.0)]
+    assert abs(same) < 0.05 * noisy[0] and noisy[0] < noisy[1] < noisy[2], (same, noisy)
+    assert fid.kernel_distance(a, b, subsets=3, subset_size=100, seed=5) == fid.kernel_distance(
+        a, b, subsets=3, subset_size=100, seed=5)
+
+
+def test_kernel_distance_rejects_a_subset_larger_than_a_set():
+    message = "subset_size 1000 is larger than a set: 600 and 2000 features"
+    with pytest.raises(ValueError, match=message):
+        fid.kernel_distance(np.zeros((600, 4)), np.zeros((2000, 4)))
+    with pytest.raises(ValueError, match="dimensions differ: 4 vs 5"):
+        fid.kernel_distance(np.zeros((10, 4)), np.zeros((10, 5)), subset_size=5)
+
+
+# ------------------------------------------------ precision, recall, density, coverage
+
+
+def brute_force_prdc(real, fake, k):
+    """The definitions on full cdist matrices, written out independently of fid.py."""
+    def radii(features):
+        distances = scipy.spatial.distance.cdist(features, features)
+        np.fill_diagonal(distances, np.inf)  # a sample is not its own neighbour
+        return np.sort(distances, axis=1)[:, k - 1]
+
+    real_radii, fake_radii = radii(real), radii(fake)
+    real_fake = scipy.spatial.distance.cdist(real, fake)
+    in_real_balls = real_fake <= real_radii[:, None]
+    return {"precision": in_real_balls.any(axis=0).mean(),
+            "recall": (real_fake <= fake_radii[None, :]).any(axis=1).mean(),
+            "density": in_real_balls.sum() / (k * len(fake)),
+            "coverage": (real_fake.min(axis=1) <= real_radii).mean()}
+
+
+@pytest.fixture(scope="module")
+def prdc_sets():
+    rng = np.random.default_rng(2)
+    return rng.normal(size=(200, 8)), rng.normal(0.4, 1.3, size=(150, 8))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 10])
+def test_prdc_matches_the_definitions_and_ignores_the_block_size(prdc_sets, k):
+    real, fake = prdc_sets
+    expected = brute_force_prdc(real, fake, k)
+    assert 0 < expected["precision"] < 1 and 0 < expected["coverage"] < 1  # not a trivial case
+    assert fid.precision_recall_density_coverage(real, fake, k=k) == expected  # counts: exact
+    assert fid.precision_recall_density_coverage(real, fake, k=k, block_size=7) == expected
+    swapped = fid.precision_recall_density_coverage(fake, real, k=k, block_size=7)
+    assert swapped == brute_force_prdc(fake, real, k)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_prdc_of_a_set_against_itself_and_against_a_far_away_set(prdc_sets, k):
+    real = prdc_sets[0]
+    for block_size in (7, 1000):
+        itself = fid.precision_recall_density_coverage(real, real.copy(), k=k,
+                                                       block_size=block_size)
+        # Closed balls: each sample lies in its own ball and in those of the k samples it is
+        # a k-nearest neighbour of, so density counts k + 1 balls per sample.
+        assert itself == brute_force_prdc(real, real, k)
+        assert itself == {"precision": 1, "recall": 1, "density": (k + 1) / k, "coverage": 1}
+    far_away = fid.precision_recall_density_coverage(real, real + 100, k=k)
+    assert far_away == {"precision": 0, "recall": 0, "density": 0, "coverage": 0}
+
+
+def test_prdc_rejects_k_without_enough_samples():
+    with pytest.raises(ValueError, match="k=5 needs more than k samples.*got 5 real and 10 fake"):
+        fid.precision_recall_density_coverage(np.zeros((5, 2)), np.zeros((10, 2)))
+
+
 # ---------------------------------------------------------------- digit classifier
 
 
@@ -502,6 +625,36 @@ def test_cli_classifier_fid_uses_the_cached_classifier_or_a_file(tiny_labelled_d
     assert code == 2 and "no such classifier file" in err
 
 
+def test_cli_kid_and_prdc_on_the_same_features(image_files, capsys):
+    code, out, err = run_main(["--features", "pixel", "--kid", "--kid-subsets", "5", "--prdc",
+                               "--prdc-k", "3", image_files.a_npz, image_files.b_npz], capsys)
+    assert code == 0, err
+    features = [fid.pixel_features(images) for images in (image_files.a, image_files.b)]
+    mean, std = fid.kernel_distance(*features, subsets=5, subset_size=100)
+    metrics = fid.precision_recall_density_coverage(*features, k=3)
+    assert out.splitlines() == [
+        f"FID (pixel): {fid.pixel_fid(image_files.a, image_files.b):.4f}",
+        f"KID (pixel): {mean:.5g} ± {std:.2g}",
+        "  ".join(f"{name} {metrics[name]:.3f}"
+                  for name in ("precision", "recall", "density", "coverage")) + " (k=3)"]
+    assert "KID subsets of 100 samples, the smaller set's size (default 1000)" in err
+
+    code, out, err = run_main(["--features", "pixel", "--kid", "--kid-subset-size", "50",
+                               "--kid-subsets", "5", image_files.a_npz, image_files.b_npz], capsys)
+    mean, std = fid.kernel_distance(*features, subsets=5, subset_size=50)
+    assert (code, out.splitlines()[1]) == (0, f"KID (pixel): {mean:.5g} ± {std:.2g}")
+    assert "KID subsets" not in err
+
+
+def test_cli_kid_with_a_statistics_file_is_an_error(image_files, capsys):
+    stats_path = image_files.dir / "a_stats.npz"
+    pixel = ["--features", "pixel"]
+    assert run_main(pixel + ["--save-stats", image_files.a_npz, stats_path], capsys)[0] == 0
+    code, out, err = run_main(pixel + ["--kid", stats_path, image_files.b_npz], capsys)
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1
+    assert f"{stats_path} is a statistics file: with --kid, pass images" in err
+
+
 def bad_inputs(files):
     """(arguments, expected part of the error) for each kind of bad input."""
     (files.dir / "corrupt.npz").write_bytes(b"not an npz")
@@ -532,6 +685,13 @@ def bad_inputs(files):
         (pixel + ["--batch-size", "0", files.a_npz, files.b_npz], "positive integer"),
         (["--inception-weights", files.dir / "missing.weights.h5", files.a_npz, files.b_npz],
          "missing.weights.h5"),
+        (pixel + ["--prdc", pixel_stats, files.b_npz], "with --prdc, pass images"),
+        (pixel + ["--kid", "--kid-subset-size", "101", files.a_npz, files.b_npz],
+         "--kid-subset-size 101 is larger than a set: 100 and 100 images"),
+        (pixel + ["--prdc", "--prdc-k", "100", files.a_npz, files.b_npz],
+         "needs more than 100 images"),
+        (pixel + ["--kid", "--save-stats", files.a_npz, files.dir / "out.npz"],
+         "with --save-stats"),
     ]
 
 
