@@ -488,14 +488,25 @@ def check_feature_sets(features_a, features_b):
     return a, b
 
 
+def polynomial_kernel(x, y):
+    """k(x, y) = (x.y / d + 1)^3 for all pairs of rows, KID's kernel. In place and cubed by
+    multiplying: ** 3 takes 5 times as long, and KID evaluates 300 of these 1000 x 1000."""
+    kernel = x @ y.T
+    kernel /= x.shape[1]
+    kernel += 1
+    cubed = kernel * kernel
+    cubed *= kernel
+    return cubed
+
+
 def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_SIZE, seed=0):
     """KID (Bińkowski et al. 2018): the unbiased estimate of MMD^2 with the kernel
     k(x, y) = (x.y / d + 1)^3, as (mean, standard deviation) over random subsets.
 
     Subsets are drawn without replacement, 100 of 1000 by default, as the reference code,
-    torch-fidelity, torchmetrics and clean-fid do: the estimate is unbiased for any subset size,
-    but its variance (and the time, quadratic in the size) is not. The standard deviation is
-    NumPy's (ddof=0, as torch-fidelity's). Unbiased means it can be slightly negative.
+    torch-fidelity, torchmetrics and clean-fid do: the estimate is unbiased at any subset size,
+    which sets its variance and its time (quadratic). The standard deviation is NumPy's (ddof=0,
+    as torch-fidelity's, so one subset gives 0). Unbiased means it can be slightly negative.
     """
     a, b = check_feature_sets(features_a, features_b)
     if subset_size > min(len(a), len(b)):
@@ -504,12 +515,12 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
     if subset_size < 2:
         raise ValueError(f"subset_size must be at least 2, got {subset_size}")
     rng = np.random.default_rng(seed)
-    m, dimension = subset_size, a.shape[1]
+    m = subset_size
     estimates = np.empty(subsets)
     for index in range(subsets):
         x = a[rng.choice(len(a), m, replace=False)]
         y = b[rng.choice(len(b), m, replace=False)]
-        k_xx, k_yy, k_xy = ((u @ v.T / dimension + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+        k_xx, k_yy, k_xy = (polynomial_kernel(u, v) for u, v in ((x, x), (y, y), (x, y)))
         # The diagonals k(x, x) would bias the within-set terms: they are left out.
         estimates[index] = ((k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
                             / (m * (m - 1)) - 2 * k_xy.sum() / m**2)
@@ -551,10 +562,9 @@ def precision_recall_density_coverage(real_features, fake_features, k=5, block_s
                outlying fake samples, unlike recall).
 
     k=5 as Naeem et al. and prdc's example (with 10,000 samples a set) use; Kynkäänniemi et al.
-    use 3, whose smaller balls give lower values. Balls are closed (<=), as in Kynkäänniemi
-    et al.'s definition and code;
-    prdc's code uses <. They differ only on exact ties, e.g. duplicate samples, or a set against
-    itself, where density is (k + 1) / k here and 1 in prdc.
+    use 3, whose smaller balls give lower values. Balls are closed (<=), as in Kynkäänniemi et
+    al.'s definition and code; prdc's code uses <. The two differ only on exact ties: duplicate
+    samples, or a set against itself, where density is (k + 1) / k here and 1 in prdc.
 
     Distances are computed in float64 blocks of block_size rows (memory block_size x N, for
     10,000 samples 80 MB). A sample's radius and its comparisons with the other set come from
@@ -903,8 +913,8 @@ def kid_subset_size(args, paths, inputs):
     if not requested:
         return None
     if args.save_stats:
-        raise ValueError(f"{' and '.join(requested)} compare two sets: "
-                         f"not possible with --save-stats")
+        raise ValueError(f"--save-stats writes one set's statistics: "
+                         f"{' and '.join(requested)} cannot go with it")
     for path, item in zip(paths, inputs):
         if isinstance(item, Statistics):
             raise ValueError(f"{path} is a statistics file: with {' and '.join(requested)}, "

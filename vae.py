@@ -632,8 +632,13 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
 
 def fids(args, test_images, reconstructions, samples, dataset, inception, inception_error):
     """Each FID of args.fid, of the reconstructions and of the prior samples against the test
-    images. The classifier is trained on the whole training split of the data (dataset: the four
-    arrays), whatever --train-size, so every run on the same data shares one classifier."""
+    images; in the classifier's and Inception's features also KID and precision / recall /
+    density / coverage (fid.py), which tell apart what FID folds into one number: samples unlike
+    the data (precision, density) and parts of the data no sample reaches (recall, coverage).
+
+    The classifier is trained on the whole training split of the data (dataset: the four
+    arrays), whatever --train-size, so every run on the same data shares one classifier.
+    """
     results, networks, seconds = {}, {"pixel": None} if "pixel" in args.fid else {}, {}
     start = time.perf_counter()
     if "classifier" in args.fid:
@@ -649,19 +654,33 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
             networks["inception"] = inception
     for kind, network in networks.items():
         start = time.perf_counter()
-        verbose, skip_hint = kind == "inception", "; leave inception out of --fid to skip it"
-        real = fid.compute_statistics(test_images, kind, network, args.fid_batch_size,
-                                      verbose=verbose, skip_hint=skip_hint,
-                                      cache_dir=(None if kind == "pixel"
-                                                 else fid.default_cache_dir()))
+        options = dict(network=network, batch_size=args.fid_batch_size,
+                       verbose=kind == "inception",
+                       skip_hint=f"; leave {kind} out of --fid to skip it")
+        real = fid.compute_features(test_images, kind, **options,
+                                    cache_dir=None if kind == "pixel" else fid.default_cache_dir())
+        real_statistics = fid.statistics_from_features(real, kind)
         for name, images in (("recon", reconstructions), ("samples", samples)):
-            if verbose:
-                print(f"Inception FID, test images vs {name}:")
-            statistics = fid.compute_statistics(images, kind, network, args.fid_batch_size,
-                                                verbose=verbose, skip_hint=skip_hint)
-            results[f"fid_{kind}_{name}"] = fid.frechet_distance(real, statistics)
+            if kind == "inception":
+                print(f"Inception features of the {name}:")
+            fake = fid.compute_features(images, kind, **options)
+            results[f"fid_{kind}_{name}"] = fid.frechet_distance(
+                real_statistics, fid.statistics_from_features(fake, kind))
+            if kind != "pixel":
+                results.update(kernel_and_manifold_metrics(real, fake, f"{kind}_{name}"))
         seconds[kind] = time.perf_counter() - start
     return {**results, "fid_seconds": {step: round(value, 2) for step, value in seconds.items()}}
+
+
+def kernel_and_manifold_metrics(real, fake, suffix):
+    """KID (mean and standard deviation over subsets of up to 1,000) and the k-NN manifold
+    metrics of one feature comparison, named <metric>_<suffix>."""
+    subset_size = min(fid.KID_SUBSET_SIZE, len(real), len(fake))
+    kid, kid_std = fid.kernel_distance(real, fake, subset_size=subset_size)
+    metrics = {f"kid_{suffix}": kid, f"kid_{suffix}_std": kid_std}
+    for name, value in fid.precision_recall_density_coverage(real, fake).items():
+        metrics[f"{name}_{suffix}"] = value
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -720,15 +739,17 @@ def print_summary(title, metrics, results_dir):
     print(f"\n{title}: {metrics['epochs']} epochs, results in {results_dir}/")
     shown = ["final_train_loss", "final_test_loss", "test_elbo",
              *(f"test_{name}" for name in LOSS_TERMS), "test_log_likelihood_iw",
-             *(f"fid_{kind}_{images}" for kind in ("pixel", "classifier")
-               for images in ("recon", "samples")),
-             "classifier_test_accuracy", "fid_inception_recon", "fid_inception_samples"]
+             *(f"{metric}_{kind}_{images}" for kind in fid.FEATURE_KINDS
+               for images in ("recon", "samples")
+               for metric in ("fid", "kid", "precision", "recall", "density", "coverage")),
+             "classifier_test_accuracy"]
     for key in shown:
         if key in metrics:
             value = metrics[key]
-            print(f"  {key:26s} {'null' if value is None else f'{value:.3f}'}")
+            digits = 5 if key.startswith("kid") else 3  # KID is a few thousandths
+            print(f"  {key:30s} {'null' if value is None else f'{value:.{digits}f}'}")
     if metrics.get("seconds_per_epoch"):
-        print(f"  {'median seconds per epoch':26s} {np.median(metrics['seconds_per_epoch']):.2f}")
+        print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):.2f}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,15 +64,32 @@ def number(value, digits=2):
     return "—" if value is None else f"{value:.{digits}f}".replace("-", "\N{MINUS SIGN}")
 
 
+def kid(metrics, images="samples", std=True):
+    """KID in the classifier's features (with its standard deviation over subsets)."""
+    if f"kid_classifier_{images}" not in metrics:
+        return "—"
+    mean = number(metrics[f"kid_classifier_{images}"])
+    return f"{mean} ± {number(metrics[f'kid_classifier_{images}_std'])}" if std else mean
+
+
+def manifold(metrics, names=("precision", "recall", "density", "coverage"), images="samples"):
+    """The k-NN manifold metrics in the classifier's features, joined by " / "."""
+    keys = [f"{name}_classifier_{images}" for name in names]
+    return " / ".join(number(metrics[key], 3) for key in keys) if keys[0] in metrics else "—"
+
+
 def readme_table():
     rows = ["| run | pixel FID, reconstructions (original) | classifier FID, samples | "
-            "test ELBO | log p(x) | command |", "|---|---|---|---|---|---|"]
+            "KID, samples | coverage, samples | test ELBO | log p(x) | command |",
+            "|---|---|---|---|---|---|---|---|"]
     for folder, label in RUNS:
         m = load_metrics(folder)
         script = command(m, folder).split()[1]
         original = ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist" else "—"
         rows.append(f"| {label} | **{number(m['fid_pixel_recon'])}** ({original}) | "
-                    f"{number(m['fid_classifier_samples'], 1)} | {number(m['test_elbo'])} | "
+                    f"{number(m['fid_classifier_samples'], 1)} | {kid(m, std=False)} | "
+                    f"{manifold(m, ('coverage',))} | "
+                    f"{number(m['test_elbo'])} | "
                     f"{number(m.get('test_log_likelihood_iw'))} (K={m.get('iw_samples', '—')}) | "
                     f"`{command(m, folder)}` |")
     return "\n".join(rows)
@@ -82,6 +99,8 @@ def committed_runs_table():
     rows = ["| folder | seed | epochs | K | training (s) | evaluation (s) | pixel FID recon / samples "
             "| classifier FID recon / samples | test ELBO | log p(x) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    manifold_rows = ["| folder | images | KID | precision / recall / density / coverage |",
+                     "|---|---|---|---|"]
     for folder, _ in RUNS:
         m = load_metrics(folder)
         rows.append(
@@ -90,7 +109,10 @@ def committed_runs_table():
             f"| {number(m['fid_pixel_recon'])} / {number(m['fid_pixel_samples'])} "
             f"| {number(m['fid_classifier_recon'], 1)} / {number(m['fid_classifier_samples'], 1)} "
             f"| {number(m['test_elbo'])} | {number(m.get('test_log_likelihood_iw'))} |")
-    return "\n".join(rows)
+        for images in ("recon", "samples"):
+            manifold_rows.append(f"| `results/{folder}` | {images} | {kid(m, images)} "
+                                 f"| {manifold(m, images=images)} |")
+    return "\n".join(rows) + "\n\nIn the classifier's features (k = 5):\n\n" + "\n".join(manifold_rows)
 
 
 def tuning_table():

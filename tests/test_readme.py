@@ -91,3 +91,5 @@ def test_results_table_commands_run_as_printed_in_order(fresh_clone, tiny_mnist,
         assert result.returncode == 0, (command, error_lines(result.stderr)[-3:])
         results_dir = fresh_clone / arguments[arguments.index("--results-dir") + 1]
         assert (results_dir / "model.keras").is_file(), command
+        metrics = json.loads((results_dir / "metrics.json").read_text())
+        assert not [key for key in metrics if key.startswith(("fid_pixel", "fid_classifier", "kid_"))]

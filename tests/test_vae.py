@@ -572,6 +572,13 @@ def test_run_writes_every_output(finished_run):
     results_dir, result = finished_run
     metrics = check_finished_run(results_dir, epochs=2)
     assert metrics["iw_samples"] == 8 and metrics["test_log_likelihood_iw"] >= metrics["test_elbo"] - 1.0
+    for images in ("recon", "samples"):  # beside the classifier FID: KID and the k-NN metrics
+        assert metrics[f"kid_classifier_{images}_std"] >= 0
+        for metric in ("precision", "recall", "coverage"):
+            assert 0 <= metrics[f"{metric}_classifier_{images}"] <= 1
+        assert metrics[f"density_classifier_{images}"] >= 0
+    assert "kid_classifier_samples" in result.stdout and "coverage_classifier_samples" in result.stdout
+    assert not any(key.endswith("_pixel_recon") and not key.startswith("fid") for key in metrics)
     assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
     assert "fid_pixel_recon" in result.stdout and "Dense VAE: 2 epochs" in result.stdout
 
@@ -767,22 +774,25 @@ def test_real_mnist_run(real_mnist, tmp_path):
     assert metrics["test_elbo"] < metrics["test_log_likelihood_iw"] + 1.0
 
 
-def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist):
-    """The Inception path end to end, offline: random weights saved to a file stand in for ImageNet's."""
+def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist, monkeypatch):
+    """The Inception path end to end, offline: random weights saved to a file stand in for
+    ImageNet's; the test set's features are cached for the next evaluation."""
     weights = tmp_path / "random_inception.weights.h5"
     fid.load_inception(None).save_weights(weights)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     quick = ["--epochs", "1", "--fid-samples", "20", "--iw-samples", "0", "--test-size", "20"]
-    args = ["--data", tiny_mnist, "--results-dir", tmp_path / "run", *quick, "--fid", "all", "--inception-weights", weights]
+    args = ["--data", tiny_mnist, "--results-dir", tmp_path / "run", *quick, "--fid", "inception",
+            "--inception-weights", weights]
     result = run_main("vae.py", *args)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["fid_inception_recon"] > 0 and metrics["fid_inception_samples"] > 0
+    for metric in ("kid", "precision", "recall", "density", "coverage"):
+        assert math.isfinite(metrics[f"{metric}_inception_samples"]), metric
     assert "fid: computing Inception features of 20 images" in result.stderr
-    again = run_main("vae.py", *args, "--evaluate-only")
-    assert again.returncode == 0, again.stderr
-    assert "using cached statistics" in again.stderr  # the test set's statistics are not recomputed
-    after = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert after["fid_inception_recon"] == pytest.approx(metrics["fid_inception_recon"], rel=1e-6)
+    [cached] = (tmp_path / "cache" / "mnist-vae-fid").glob("inception-features-*.npz")
+    with np.load(cached) as entry:  # what --evaluate-only reads instead of recomputing
+        assert entry["features"].shape == (20, 2048)
 
 
 def test_missing_imagenet_weights_is_a_warning_not_a_failure(monkeypatch, tmp_path, tiny_mnist, capsys):
