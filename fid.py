@@ -410,21 +410,32 @@ def compute_statistics(images, features="pixel", network=None, batch_size=50,
     if cache_dir is None:
         return compute()
     fingerprint = statistics_fingerprint(images, features, network)
-    cache_path = Path(cache_dir) / f"{features}-{fingerprint}.npz"
+    return through_cache(
+        Path(cache_dir) / f"{features}-{fingerprint}.npz", fingerprint, compute, "statistics",
+        read=statistics_from_arrays,
+        write=lambda path, statistics: save_statistics(path, statistics, fingerprint=fingerprint),
+        verbose=verbose)
+
+
+def through_cache(cache_path, fingerprint, compute, what, read, write, verbose):
+    """read(arrays, cache_path) of cache_path when it holds this fingerprint, else compute() and
+    write(cache_path, result). An unreadable entry (read raises ValueError) is recomputed and
+    overwritten."""
     if cache_path.exists():
         try:
             arrays = read_npz(cache_path)
             if str(arrays.get("fingerprint")) == fingerprint:
+                result = read(arrays, cache_path)
                 if verbose:
-                    print(f"fid: using cached statistics {cache_path}", file=sys.stderr)
-                return statistics_from_arrays(arrays, cache_path)
-        except ValueError as error:  # unreadable entries are recomputed and overwritten
+                    print(f"fid: using cached {what} {cache_path}", file=sys.stderr)
+                return result
+        except ValueError as error:
             if verbose:
                 print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
-    statistics = compute()
+    result = compute()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    save_statistics(cache_path, statistics, fingerprint=fingerprint)
-    return statistics
+    write(cache_path, result)
+    return result
 
 
 def compute_features(images, features, network=None, batch_size=50, cache_dir=None,
@@ -449,28 +460,21 @@ def compute_features(images, features, network=None, batch_size=50, cache_dir=No
     if cache_dir is None:
         return compute()
     fingerprint = statistics_fingerprint(images, features, network)
-    cache_path = Path(cache_dir) / f"{features}-features-{fingerprint}.npz"
-    if cache_path.exists():
-        try:
-            arrays = read_npz(cache_path)
-            if str(arrays.get("fingerprint")) == fingerprint:
-                matrix = arrays.get("features")
-                if matrix is None or matrix.ndim != 2 or len(matrix) != len(images):
-                    raise ValueError(f"{cache_path} holds no features of {len(images)} images")
-                if verbose:
-                    print(f"fid: using cached features {cache_path}", file=sys.stderr)
-                return matrix
-        except ValueError as error:  # unreadable entries are recomputed and overwritten
-            if verbose:
-                print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
-    matrix = compute()
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(temporary):
-        with open(temporary, "wb") as file:
-            np.savez(file, features=matrix, kind=features, fingerprint=fingerprint)
-    atomic_write(cache_path, write)
-    return matrix
+    def read(arrays, cache_path):
+        matrix = arrays.get("features")
+        if matrix is None or matrix.ndim != 2 or len(matrix) != len(images):
+            raise ValueError(f"{cache_path} holds no features of {len(images)} images")
+        return matrix
+
+    def write(cache_path, matrix):
+        def save(temporary):
+            with open(temporary, "wb") as file:
+                np.savez(file, features=matrix, kind=features, fingerprint=fingerprint)
+        atomic_write(cache_path, save)
+
+    return through_cache(Path(cache_dir) / f"{features}-features-{fingerprint}.npz", fingerprint,
+                         compute, "features", read, write, verbose)
 
 
 # ---- Kernel distance (KID) and precision, recall, density, coverage ----

@@ -96,15 +96,16 @@ def readme_table():
 
 
 def committed_runs_table():
-    rows = ["| folder | seed | epochs | K | training (s) | evaluation (s) | pixel FID recon / samples "
-            "| classifier FID recon / samples | test ELBO | log p(x) |",
+    rows = ["| folder | seed | epochs | K | training (s) | evaluation (s) "
+            "| pixel FID recon / samples | classifier FID recon / samples | test ELBO | log p(x) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     manifold_rows = ["| folder | images | KID | precision / recall / density / coverage |",
                      "|---|---|---|---|"]
     for folder, _ in RUNS:
         m = load_metrics(folder)
         rows.append(
-            f"| `results/{folder}` | {m['config']['seed']} | {m['epochs']} | {m.get('iw_samples', '—')} "
+            f"| `results/{folder}` | {m['config']['seed']} | {m['epochs']} "
+            f"| {m.get('iw_samples', '—')} "
             f"| {sum(m['seconds_per_epoch']):.0f} | {number(m.get('evaluation_seconds'), 0)} "
             f"| {number(m['fid_pixel_recon'])} / {number(m['fid_pixel_samples'])} "
             f"| {number(m['fid_classifier_recon'], 1)} / {number(m['fid_classifier_samples'], 1)} "
@@ -112,7 +113,7 @@ def committed_runs_table():
         for images in ("recon", "samples"):
             manifold_rows.append(f"| `results/{folder}` | {images} | {kid(m, images)} "
                                  f"| {manifold(m, images=images)} |")
-    return "\n".join(rows) + "\n\nIn the classifier's features (k = 5):\n\n" + "\n".join(manifold_rows)
+    return "\n".join([*rows, "", "In the classifier's features (k = 5):", "", *manifold_rows])
 
 
 def tuning_table():
@@ -128,8 +129,10 @@ def tuning_table():
         def median(key):
             return statistics.median(float(run[key]) for run in group)
         seeds = ",".join(run["seed"] for run in group)
-        rows.append(f"| {script} | `{flags}` | {epochs} | {seeds} | {number(median('fid_pixel_recon'))} "
-                    f"| {number(median('fid_classifier_samples'), 1)} | {number(median('test_elbo'))} "
+        rows.append(f"| {script} | `{flags}` | {epochs} | {seeds} "
+                    f"| {number(median('fid_pixel_recon'))} "
+                    f"| {number(median('fid_classifier_samples'), 1)} "
+                    f"| {number(median('test_elbo'))} "
                     f"| {number(median('test_log_likelihood_iw'))} ({group[0]['iw_samples']}) "
                     f"| {median('train_seconds'):.0f} |")
     return "\n".join(rows)
@@ -137,7 +140,8 @@ def tuning_table():
 
 TABLES = {"results-table": readme_table, "committed-runs-table": committed_runs_table,
           "tuning-table": tuning_table}
-DOCUMENTS = {"results-table": ROOT / "README.md", "committed-runs-table": ROOT / "results" / "README.md",
+DOCUMENTS = {"results-table": ROOT / "README.md",
+             "committed-runs-table": ROOT / "results" / "README.md",
              "tuning-table": ROOT / "results" / "README.md"}
 
 
