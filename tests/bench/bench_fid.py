@@ -1,4 +1,4 @@
-"""Benchmark of fid.py on this machine (not a test: run `python tests/bench/bench_fid.py`;
+"""Benchmark of fid.py on the machine it runs on (not a test: run `python tests/bench/bench_fid.py`;
 `--classifier-only` leaves out the Inception parts).
 
 - pixel FID of the MNIST test set vs a noisy copy, 10,000 vs 10,000 images (target < 3 s);
@@ -13,6 +13,7 @@
   FID moves (target: within 0.5%), on 1,000 test images vs a noisy copy.
 """
 
+import os
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ import fid  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-MNIST_PATH = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
+MNIST_PATH = Path(os.environ.get("MNIST_NPZ") or Path.home() / ".keras" / "datasets" / "mnist.npz")
 INCEPTION_IMAGES = 200
 BATCH_SIZE = 50
 

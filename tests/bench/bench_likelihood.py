@@ -15,6 +15,7 @@ import argparse
 import json
 import resource
 import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ def estimate(results_dir, policy, num_samples, test_size, data):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dirs", nargs="+", type=Path)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist.npz"))
+    parser.add_argument("--data", default=os.environ.get("MNIST_NPZ")
+                        or str(Path.home() / ".keras" / "datasets" / "mnist.npz"))
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--k", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--case", nargs=2, metavar=("POLICY", "K"), help=argparse.SUPPRESS)

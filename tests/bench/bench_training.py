@@ -1,6 +1,6 @@
 """Training speed benchmark: fast path in float32 and in mixed_bfloat16, against the plain path.
 
-    .venv/bin/python tests/bench/bench_training.py [--data ../shared/data/mnist.npz] [--epochs 3]
+    .venv/bin/python tests/bench/bench_training.py [--data mnist.npz] [--epochs 3]
         [--policies float32,mixed_bfloat16] [--skip-end-to-end]
 
 Not collected by pytest (its name does not start with test_). For each model it trains a few full
@@ -9,7 +9,7 @@ epochs with the fast path (the default) under each dtype policy and with the pla
 own process, and prints the median seconds per epoch after the first (the first holds tracing and
 compilation, printed apart), the ratios, the arithmetic rate and the peak resident memory, and
 the floor: the train step alone, looped over in-memory batches inside one compiled program; then
-a per-layer profile of one training step in each policy, against this machine's matmul ceiling,
+a per-layer profile of one training step in each policy, against the machine's matmul ceiling,
 and what the progress frame (progress.gif) adds to each epoch; then it times
 `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
 Run it with nothing else on the machine: the runs share its cores.
@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -219,7 +220,8 @@ def benchmark_model(architecture, image_shape, data, epochs, floor_steps, polici
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist.npz"))
+    parser.add_argument("--data", default=os.environ.get("MNIST_NPZ")
+                        or str(Path.home() / ".keras" / "datasets" / "mnist.npz"))
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs per timed run (the first is excluded)")
     parser.add_argument("--policies", default="float32,mixed_bfloat16",
@@ -229,7 +231,7 @@ def main():
     args = parser.parse_args()
     policies = args.policies.split(",")
     image_shape = vae.to_float_images(vae.load_dataset(args.data)[2][:1]).shape[1:]
-    print(f"matmul 2048x2048 on this machine: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in "
+    print(f"matmul 2048x2048 here: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in "
           f"float32, {matmul_peak_gflops(tf.bfloat16):.0f} in bfloat16")
     dense = benchmark_model(vae.DENSE, image_shape, args.data, args.epochs, floor_steps=937,
                             policies=policies)
