@@ -503,7 +503,8 @@ def polynomial_kernel(x, y):
     return cubed
 
 
-def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_SIZE, seed=0):
+def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_SIZE, seed=0,
+                    reuse=None):
     """KID (Bińkowski et al. 2018): the unbiased estimate of MMD^2 with the kernel
     k(x, y) = (x.y / d + 1)^3, as (mean, standard deviation) over random subsets.
 
@@ -511,6 +512,10 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
     torch-fidelity, torchmetrics and clean-fid do: the estimate is unbiased at any subset size,
     which sets its variance and its time (quadratic). The standard deviation is NumPy's (ddof=0,
     as torch-fidelity's, so one subset gives 0). Unbiased means it can be slightly negative.
+
+    reuse: a dict kept between calls with the same features_a (a test set against its
+    reconstructions, then its samples): a's within-subset sums are computed once per subset,
+    and a's subsets repeat when the other sets have one size.
     """
     a, b = check_feature_sets(features_a, features_b)
     if subset_size > min(len(a), len(b)):
@@ -520,14 +525,22 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
         raise ValueError(f"subset_size must be at least 2, got {subset_size}")
     rng = np.random.default_rng(seed)
     m = subset_size
+    reuse = {} if reuse is None else reuse
+
+    def within(subset):
+        """Sum of the kernel over distinct pairs: the diagonal k(x, x) would bias it."""
+        kernel = polynomial_kernel(subset, subset)
+        return kernel.sum() - np.trace(kernel)
+
     estimates = np.empty(subsets)
     for index in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
+        x_rows = rng.choice(len(a), m, replace=False)
         y = b[rng.choice(len(b), m, replace=False)]
-        k_xx, k_yy, k_xy = (polynomial_kernel(u, v) for u, v in ((x, x), (y, y), (x, y)))
-        # The diagonals k(x, x) would bias the within-set terms: they are left out.
-        estimates[index] = ((k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
-                            / (m * (m - 1)) - 2 * k_xy.sum() / m**2)
+        key = ("kid", x_rows.tobytes())
+        if key not in reuse:
+            reuse[key] = within(a[x_rows])
+        estimates[index] = ((reuse[key] + within(y)) / (m * (m - 1))
+                            - 2 * polynomial_kernel(a[x_rows], y).sum() / m**2)
     return float(estimates.mean()), float(estimates.std())
 
 
@@ -554,7 +567,8 @@ def kth_neighbour_radii(features, norms, k, block_size):
     return radii
 
 
-def precision_recall_density_coverage(real_features, fake_features, k=5, block_size=1000):
+def precision_recall_density_coverage(real_features, fake_features, k=5, block_size=1000,
+                                      reuse=None):
     """Precision and recall (Kynkäänniemi et al. 2019) with density and coverage (Naeem et al.
     2020), from balls around each sample reaching its k-th nearest neighbour in its own set:
 
@@ -573,13 +587,18 @@ def precision_recall_density_coverage(real_features, fake_features, k=5, block_s
     Distances are computed in float64 blocks of block_size rows (memory block_size x N, for
     10,000 samples 80 MB). A sample's radius and its comparisons with the other set come from
     the same row blocks, so a set against a copy of itself rounds the same both ways.
+    reuse: a dict kept between calls with the same real_features, which then computes the real
+    set's radii once.
     """
     real, fake = check_feature_sets(real_features, fake_features)
     if not 1 <= k < min(len(real), len(fake)):
         raise ValueError(f"k={k} needs more than k samples in each set and k >= 1, "
                          f"got {len(real)} real and {len(fake)} fake")
     real_norms, fake_norms = (np.einsum("ij,ij->i", x, x) for x in (real, fake))
-    real_radii = kth_neighbour_radii(real, real_norms, k, block_size)
+    reuse = {} if reuse is None else reuse
+    if ("radii", k, block_size) not in reuse:
+        reuse["radii", k, block_size] = kth_neighbour_radii(real, real_norms, k, block_size)
+    real_radii = reuse["radii", k, block_size]
     fake_radii = kth_neighbour_radii(fake, fake_norms, k, block_size)
     balls_holding_fake = np.zeros(len(fake), dtype=np.int64)
     recalled, covered = np.empty(len(real), bool), np.empty(len(real), bool)

@@ -10,6 +10,7 @@ atomic writes); the experiment reads without it. conv_vae.py describes its own n
 """
 
 import argparse
+import copy
 import csv
 import dataclasses
 import fcntl
@@ -52,6 +53,7 @@ WATCHED_IMAGES, WATCHED_SAMPLES = 10, 20  # what each progress frame shows
 LONG_STEP_SECONDS = 30  # a longer evaluation step first says how long, and how to skip it
 IW_DECODER_MEMORY = 512 * 2**20  # bytes of decoder activations per call of the likelihood estimate
 LOSS_CURVES_SHARE = 0.02  # loss_curves.png is redrawn when that costs under 2% of the training time
+XLA_MIN_BATCHES = 100  # XLA compiles for seconds: a training set of this many batches repays it
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh")
 # What defines a run: a resumed run must agree on these (and on its architecture's options).
@@ -74,7 +76,8 @@ class Architecture:
     epochs: int
     batch_size: int
     iw_samples: int  # the default K of the likelihood estimate
-    xla: bool  # XLA compilation: faster for dense layers, many times slower for CPU convolutions
+    xla: bool  # XLA compilation (XLA_MIN_BATCHES): faster for dense layers, many times slower
+    # for CPU convolutions
     batches_per_step: int  # batches per compiled training step (see VAE.train_step)
 
     @property
@@ -155,6 +158,9 @@ def build_parser(architecture):
                            "(tensorboard --logdir results)")
     runs.add_argument("--resume", action="store_true",
                       help="continue the run in --results-dir to --epochs")
+    runs.add_argument("--from-previous-checkpoint", action="store_true",
+                      help="with --resume: continue from the checkpoint before the latest (kept "
+                           "for when the latest file is damaged)")
     runs.add_argument("--overwrite", action="store_true",
                       help="replace a run already in --results-dir")
     runs.add_argument("--evaluate-only", action="store_true",
@@ -483,9 +489,7 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state)
     tensorboard_dir = results_dir / "tensorboard" if args.tensorboard else None
     tracker = TrainingState(results_dir, config=run_config(args), title=title,
                             watch_images=x_test[:WATCHED_IMAGES], watch_z=watch_z,
-                            history=state and state["history"],
-                            seconds_per_epoch=state and state["seconds_per_epoch"],
-                            tensorboard_dir=tensorboard_dir)
+                            resumed_from=state, tensorboard_dir=tensorboard_dir)
     callbacks = [tracker]
     if tensorboard_dir:  # after the tracker: an epoch is logged once its checkpoint is committed,
         # so a resume that repeats an uncommitted epoch never logs a step twice
@@ -660,6 +664,7 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
         real = fid.compute_features(test_images, kind, **options,
                                     cache_dir=None if kind == "pixel" else fid.default_cache_dir())
         real_statistics = fid.statistics_from_features(real, kind)
+        reuse = {}  # what KID and the k-NN metrics compute of the test set once
         for name, images in (("recon", reconstructions), ("samples", samples)):
             if kind == "inception":
                 print(f"Inception features of the {name}:")
@@ -667,18 +672,18 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
             results[f"fid_{kind}_{name}"] = fid.frechet_distance(
                 real_statistics, fid.statistics_from_features(fake, kind))
             if kind != "pixel":
-                results.update(kernel_and_manifold_metrics(real, fake, f"{kind}_{name}"))
+                results.update(kernel_and_manifold_metrics(real, fake, f"{kind}_{name}", reuse))
         seconds[kind] = time.perf_counter() - start
     return {**results, "fid_seconds": {step: round(value, 2) for step, value in seconds.items()}}
 
 
-def kernel_and_manifold_metrics(real, fake, suffix):
+def kernel_and_manifold_metrics(real, fake, suffix, reuse):
     """KID (mean and standard deviation over subsets of up to 1,000) and the k-NN manifold
     metrics of one feature comparison, named <metric>_<suffix>."""
     subset_size = min(fid.KID_SUBSET_SIZE, len(real), len(fake))
-    kid, kid_std = fid.kernel_distance(real, fake, subset_size=subset_size)
+    kid, kid_std = fid.kernel_distance(real, fake, subset_size=subset_size, reuse=reuse)
     metrics = {f"kid_{suffix}": kid, f"kid_{suffix}_std": kid_std}
-    for name, value in fid.precision_recall_density_coverage(real, fake).items():
+    for name, value in fid.precision_recall_density_coverage(real, fake, reuse=reuse).items():
         metrics[f"{name}_{suffix}"] = value
     return metrics
 
@@ -769,6 +774,7 @@ def run(args, architecture, run_defining):
     x_train = to_float_images(x_train[:args.train_size])
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
     inception, inception_error = prepare_inception(args)
+    xla = architecture.xla and len(x_train) >= XLA_MIN_BATCHES * args.batch_size
 
     if args.evaluate_only:
         model = load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
@@ -788,7 +794,7 @@ def run(args, architecture, run_defining):
             model = build_model(args, architecture, x_train.shape[1:],
                                 math.ceil(len(x_train) / args.batch_size))
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
-            compile_model(model, args, architecture.xla)
+            compile_model(model, args, xla)
         tracker = train(model, args, architecture, figure_title, results_dir, x_train, x_test,
                         state)
         history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
@@ -807,7 +813,7 @@ def run(args, architecture, run_defining):
             metrics[f"final_train_{name}"] = history[name][-1]
             metrics[f"final_test_{name}"] = history[f"val_{name}"][-1]
     metrics.update(evaluate(model, args, figure_title, results_dir, x_test, y_test, dataset,
-                            inception, inception_error, xla=architecture.xla))
+                            inception, inception_error, xla=xla))
     write_json(results_dir / "metrics.json", metrics)
     print_summary(title, metrics, results_dir)
 
@@ -820,6 +826,8 @@ def main(argv=None, architecture=None):
     args = parser.parse_args(argv)
     if args.model and not args.evaluate_only:
         parser.error("--model goes with --evaluate-only")
+    if args.from_previous_checkpoint and not args.resume:
+        parser.error("--from-previous-checkpoint goes with --resume")
     if sum((args.resume, args.overwrite, args.evaluate_only)) > 1:
         parser.error("choose one of --resume, --overwrite and --evaluate-only")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill checkpoints too
@@ -943,6 +951,7 @@ def check_arrays(arrays, source, num_classes):
 # ----------------------------------------------------------------------------------------------
 
 CHECKPOINT_STATE = "checkpoint.json"
+PREVIOUS_CHECKPOINT_STATE = "checkpoint-previous.json"  # one epoch earlier, its model kept
 PROGRESS_FRAMES = "progress_frames.npy"
 LOCK_FILE = "run.lock"
 
@@ -963,7 +972,8 @@ def check_results_dir(args, run_defining):
     lock_results_dir(results_dir)
     if args.overwrite:
         for old in [results_dir / "metrics.json", results_dir / CHECKPOINT_STATE,
-                    results_dir / PROGRESS_FRAMES, *results_dir.glob("checkpoint-epoch*.keras")]:
+                    results_dir / PREVIOUS_CHECKPOINT_STATE, results_dir / PROGRESS_FRAMES,
+                    *results_dir.glob("checkpoint-epoch*.keras")]:
             old.unlink(missing_ok=True)
         shutil.rmtree(results_dir / "tensorboard", ignore_errors=True)  # its steps would repeat
         return results_dir, None
@@ -975,6 +985,10 @@ def check_results_dir(args, run_defining):
                              "(train first, or pass --model PATH)")
         return results_dir, state
     if args.resume:
+        if args.from_previous_checkpoint:
+            state = read_checkpoint(results_dir, PREVIOUS_CHECKPOINT_STATE)
+            if state is None:
+                raise UsageError(f"{results_dir}: no checkpoint before the latest")
         check_resume(args, state, results_dir, run_defining)
         return results_dir, state
     if (results_dir / "model.keras").is_file() or state:
@@ -1042,7 +1056,8 @@ def check_resume(args, state, results_dir, run_defining):
 def run_config(args):
     """The command-line options of the run, with --data's file name only (no machine paths)."""
     config = {key: value for key, value in vars(args).items()
-              if key not in ("resume", "overwrite", "evaluate_only", "model")}
+              if key not in ("resume", "from_previous_checkpoint", "overwrite", "evaluate_only",
+                             "model")}
     config["data"] = None if args.data is None else Path(args.data).name
     return config
 
@@ -1070,8 +1085,9 @@ class TrainingState(keras.callbacks.Callback):
     """Keeps the history across resumes, checkpoints every good epoch and stops on a NaN loss.
 
     The model of epoch N goes to checkpoint-epochN.keras first, then checkpoint.json (the commit
-    point) names it, then the older model file is removed: a kill at any moment leaves a
-    consistent checkpoint behind.
+    point) names it, then older model files are removed: a kill at any moment leaves a
+    consistent checkpoint behind. The checkpoint of epoch N - 1 stays (checkpoint-previous.json
+    and its model), so a damaged latest file costs one epoch, not the run.
 
     Training you can watch: history.csv follows every epoch; loss_curves.png is redrawn whenever
     drawing it costs under LOSS_CURVES_SHARE of the time trained since it was last drawn; a
@@ -1080,15 +1096,16 @@ class TrainingState(keras.callbacks.Callback):
     tensorboard_dir the frame also goes to TensorBoard.
     """
 
-    def __init__(self, results_dir, config, title, watch_images, watch_z, history=None,
-                 seconds_per_epoch=None, tensorboard_dir=None):
+    def __init__(self, results_dir, config, title, watch_images, watch_z, resumed_from=None,
+                 tensorboard_dir=None):
         super().__init__()
         self.results_dir = results_dir
         self.config = config
         self.title = title
         self.watch_images, self.watch_z = watch_images, watch_z
-        self.history = history or {}
-        self.seconds_per_epoch = seconds_per_epoch or []
+        self.last_checkpoint = resumed_from
+        self.history = copy.deepcopy(resumed_from["history"]) if resumed_from else {}
+        self.seconds_per_epoch = list(resumed_from["seconds_per_epoch"]) if resumed_from else []
         self.diverged_epoch = None
         self.loss_curves_drawn, self.loss_curves_seconds = -math.inf, 0.0
         self.frames = list(read_frames(results_dir)[:self.epochs_done])
@@ -1118,15 +1135,20 @@ class TrainingState(keras.callbacks.Callback):
         self.frames.append(self.progress_frame())
         fid.atomic_write(self.results_dir / PROGRESS_FRAMES,
                          lambda p: np.save(p, np.stack(self.frames)))
-        previous = read_checkpoint(self.results_dir)
         model_file = f"checkpoint-epoch{self.epochs_done}.keras"
         save_model(self.model, self.results_dir / model_file)
-        write_json(self.results_dir / CHECKPOINT_STATE, {
+        previous, self.last_checkpoint = self.last_checkpoint, {
             "epochs_done": self.epochs_done, "model_file": model_file, "config": self.config,
-            "history": self.history, "seconds_per_epoch": self.seconds_per_epoch,
-            "random_states": [variable.numpy().tolist() for variable in random_states(self.model)]})
-        if previous and previous["model_file"] != model_file:
-            (self.results_dir / previous["model_file"]).unlink(missing_ok=True)
+            "history": copy.deepcopy(self.history),
+            "seconds_per_epoch": list(self.seconds_per_epoch),
+            "random_states": [variable.numpy().tolist() for variable in random_states(self.model)]}
+        if previous:
+            write_json(self.results_dir / PREVIOUS_CHECKPOINT_STATE, previous)
+        write_json(self.results_dir / CHECKPOINT_STATE, self.last_checkpoint)
+        kept = {model_file, previous and previous["model_file"]}
+        for old in self.results_dir.glob("checkpoint-epoch*.keras"):
+            if old.name not in kept:
+                old.unlink()
         write_history_csv(self.results_dir / "history.csv", self.history, self.seconds_per_epoch)
         if self.loss_curves_seconds <= LOSS_CURVES_SHARE * (time.perf_counter()
                                                             - self.loss_curves_drawn):
@@ -1161,8 +1183,8 @@ def read_frames(results_dir):
     return np.load(path) if path.is_file() else np.zeros((0, 0, 0), np.uint8)
 
 
-def read_checkpoint(results_dir):
-    path = results_dir / CHECKPOINT_STATE
+def read_checkpoint(results_dir, name=CHECKPOINT_STATE):
+    path = results_dir / name
     if not path.is_file():
         return None
     try:
@@ -1176,8 +1198,21 @@ def read_checkpoint(results_dir):
 
 
 def restore_checkpoint(results_dir, state):
-    """The checkpointed model with its random generators where they were."""
-    model = load_saved_model(results_dir / state["model_file"])
+    """The checkpointed model with its random generators where they were. A damaged file names
+    the intact checkpoint of the epoch before, where there is one."""
+    try:
+        model = load_saved_model(results_dir / state["model_file"])
+    except UsageError as damaged:
+        earlier = read_checkpoint(results_dir, PREVIOUS_CHECKPOINT_STATE)
+        if earlier is None or earlier["model_file"] == state["model_file"]:
+            raise
+        try:
+            load_saved_model(results_dir / earlier["model_file"])
+        except UsageError:
+            raise damaged from None
+        raise UsageError(f"{damaged}; the checkpoint of epoch {earlier['epochs_done']} before it "
+                         "is intact: add --from-previous-checkpoint to --resume from there"
+                         ) from None
     for variable, value in zip(random_states(model), state.get("random_states", [])):
         variable.assign(value)
     return model

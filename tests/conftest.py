@@ -1,8 +1,11 @@
 """Shared test fixtures: the repo root on sys.path, tiny MNIST-shaped files, and script runs."""
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +19,13 @@ REAL_MNIST = Path(os.environ.get("MNIST_NPZ") or Path.home() / ".keras" / "datas
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root
 
 # Tests never touch the user's FID cache.
-os.environ["XDG_CACHE_HOME"] = str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"mnist-vae-test-cache-{os.getpid()}")
+CACHE = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"mnist-vae-test-cache-{os.getpid()}"
+os.environ["XDG_CACHE_HOME"] = str(CACHE)
+# Dozens of tiny runs build the same networks: XLA's persistent cache compiles each program once
+# per test process instead of once per run (the runs' subprocesses share it). Set before
+# TensorFlow starts.
+os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("TF_XLA_FLAGS"),
+                                                    f"--tf_xla_persistent_cache_directory={CACHE / 'xla'}"]))
 
 
 def tiny_digits(count, rng):
@@ -90,3 +99,38 @@ def error_lines(stderr):
 def pytest_configure(config):
     # Keras' own save_weights trips this NumPy 2 deprecation once per variable; nothing of ours.
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+@contextlib.contextmanager
+def shared_between_workers(tmp_path_factory, name):
+    """A folder every pytest-xdist worker of this session sees, held under a lock: what one worker
+    builds there (a trained run, the MNIST classifier), the others find instead of building it
+    again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    folder.mkdir(exist_ok=True)
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder
+
+
+def shared_run(tmp_path_factory, script, *args):
+    """A finished run of script with args, trained once per session and copied into this
+    worker's own folder: (results directory, what run_main returned for it)."""
+    digest = hashlib.sha256()
+    for arg in args:  # a data file by its content: each worker writes its own copy
+        digest.update(Path(arg).read_bytes() if isinstance(arg, Path) else str(arg).encode())
+    key = digest.hexdigest()[:12]
+    with shared_between_workers(tmp_path_factory, f"{Path(script).stem}-{key}") as shared:
+        if not (shared / "result.txt").is_file():
+            result = run_main(script, "--results-dir", shared / "run", *args)
+            assert result.returncode == 0, result.stderr
+            (shared / "stdout.txt").write_text(result.stdout)
+            (shared / "result.txt").write_text(result.stderr)
+        results_dir = tmp_path_factory.mktemp("run") / Path(script).stem
+        shutil.copytree(shared / "run", results_dir)
+        result = subprocess.CompletedProcess(args, 0, (shared / "stdout.txt").read_text(),
+                                             (shared / "result.txt").read_text())
+    return results_dir, result

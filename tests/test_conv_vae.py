@@ -7,7 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import QUICK, error_lines, run_main
+from conftest import QUICK, error_lines, run_main, shared_run
 
 import conv_vae
 import vae
@@ -15,10 +15,7 @@ import vae
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_mnist):
-    results_dir = tmp_path_factory.mktemp("conv") / "conv_vae"
-    result = run_main("conv_vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK, "--filters", "8")
-    assert result.returncode == 0, result.stderr
-    return results_dir, result
+    return shared_run(tmp_path_factory, "conv_vae.py", "--data", tiny_mnist, *QUICK, "--filters", "8")
 
 
 def test_run_writes_every_output(finished_run):

@@ -18,7 +18,7 @@ import scipy.ndimage
 import scipy.spatial.distance
 
 from conftest import ROOT as REPO_ROOT
-from conftest import tiny_digits
+from conftest import shared_between_workers, tiny_digits
 
 import fid
 
@@ -328,6 +328,26 @@ def test_kernel_distance_is_near_zero_for_one_distribution_and_grows_with_noise(
         a, b, subsets=3, subset_size=100, seed=5)
 
 
+def test_one_real_set_against_two_others_computes_its_part_once(monkeypatch):
+    """A run compares its test set with its reconstructions, then its samples: the test set's
+    KID subsets and k-NN radii are computed once, and the values are those of separate calls."""
+    rng = np.random.default_rng(2)
+    real, recon, samples = (rng.normal(shift, 1, size=(300, 8)) for shift in (0, 0.2, 0.5))
+    separate = [(fid.kernel_distance(real, fake, subsets=4, subset_size=100),
+                 fid.precision_recall_density_coverage(real, fake, k=3)) for fake in (recon, samples)]
+    kernels, radii = [], []
+    monkeypatch.setattr(fid, "polynomial_kernel", lambda x, y, kernel=fid.polynomial_kernel:
+                        kernels.append(x is y) or kernel(x, y))
+    monkeypatch.setattr(fid, "kth_neighbour_radii", lambda *args, radii_of=fid.kth_neighbour_radii:
+                        radii.append(args[0]) or radii_of(*args))
+    reuse = {}
+    shared = [(fid.kernel_distance(real, fake, subsets=4, subset_size=100, reuse=reuse),
+               fid.precision_recall_density_coverage(real, fake, k=3, reuse=reuse)) for fake in (recon, samples)]
+    assert shared == separate
+    assert kernels.count(True) == 4 + 2 * 4  # the real subsets' within-set sums once, each fake's every time
+    assert len(radii) == 1 + 2  # the real radii once, each fake's
+
+
 def test_kernel_distance_rejects_a_subset_larger_than_a_set():
     message = "subset_size 1000 is larger than a set: 600 and 2000 features"
     with pytest.raises(ValueError, match=message):
@@ -399,8 +419,9 @@ def mnist_classifier(real_mnist, tmp_path_factory):
     """The classifier of the full MNIST training set, trained as a run trains it (about a minute)."""
     with np.load(real_mnist) as mnist:
         data = {key: mnist[key] for key in mnist.files}
-    classifier = fid.load_or_train_classifier(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
-                                              cache_dir=tmp_path_factory.mktemp("classifier"), verbose=False)
+    with shared_between_workers(tmp_path_factory, "mnist-classifier") as cache_dir:  # trained once
+        classifier = fid.load_or_train_classifier(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                                                  cache_dir=cache_dir, verbose=False)
     return classifier, data
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from conftest import QUICK, ROOT, error_lines, run_main, run_script, tiny_digits, write_tiny_mnist
+from conftest import QUICK, ROOT, error_lines, run_main, run_script, shared_run, tiny_digits, write_tiny_mnist
 from scipy.stats import multivariate_normal
 
 import fid
@@ -86,8 +86,8 @@ def test_offline_download_names_the_dataset_and_data(monkeypatch):
 
 
 def test_fashion_mnist_runs_with_clothing_names(tmp_path, tiny_mnist):
-    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "pixel",
-                        "--dataset", "fashion_mnist")
+    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "none",
+                      "--iw-samples", "0", "--dataset", "fashion_mnist")
     assert result.returncode == 0, result.stderr
     assert check_finished_run(tmp_path, epochs=2)["config"]["dataset"] == "fashion_mnist"
     model = vae.load_saved_model(tmp_path / "model.keras")
@@ -235,7 +235,7 @@ def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
 
 def test_cosine_schedule_survives_a_kill_and_resume_and_cannot_be_extended(tmp_path, tiny_mnist):
     common = ["--data", str(tiny_mnist), "--results-dir", str(tmp_path), "--epochs", "40", "--batch-size", "16",
-              "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0", "--lr-schedule", "cosine"]
+              "--fid", "none", "--iw-samples", "0", "--lr-schedule", "cosine"]
     process = subprocess.Popen([sys.executable, str(ROOT / "vae.py"), *common], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_epochs(tmp_path, 2, process)
@@ -381,10 +381,11 @@ def test_kl_weight_rises_linearly_over_the_warmup_epochs_then_stays_at_beta():
 def test_warmup_continues_exactly_across_a_resume_and_the_elbo_stays_unweighted(tmp_path, tiny_mnist):
     common = ["--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4", "--beta", "4",
               "--kl-warmup-epochs", "2"]
-    for epochs, resume in (("1", []), ("3", ["--resume"])):
+    unevaluated = ["--fid", "none", "--iw-samples", "0"]
+    for epochs, resume in (("1", unevaluated), ("3", ["--resume"])):
         result = run_main("vae.py", *common, "--results-dir", tmp_path / "resumed", "--epochs", epochs, *resume)
         assert result.returncode == 0, result.stderr
-    unbroken = run_main("vae.py", *common, "--results-dir", tmp_path / "unbroken", "--epochs", "3")
+    unbroken = run_main("vae.py", *common, *unevaluated, "--results-dir", tmp_path / "unbroken", "--epochs", "3")
     assert unbroken.returncode == 0, unbroken.stderr
     histories = [json.loads((tmp_path / name / "checkpoint.json").read_text())["history"] for name in ("resumed", "unbroken")]
     assert histories[0] == histories[1]
@@ -442,7 +443,7 @@ def test_16_bit_policies_compute_the_float32_loss_to_within_a_percent(policy):
 
 
 def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mnist):
-    common = ["--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4"]
+    common = ["--data", tiny_mnist, *QUICK, "--fid", "none", "--iw-samples", "0"]
     results_dir = tmp_path / "resumed"
     first = run_main("vae.py", *common, "--results-dir", results_dir, "--epochs", "1", "--dtype-policy", "mixed_bfloat16")
     assert first.returncode == 0, first.stderr
@@ -462,7 +463,7 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     assert unbroken.returncode == 0, unbroken.stderr
     assert (json.loads((results_dir / "checkpoint.json").read_text())["history"]
             == json.loads((tmp_path / "unbroken" / "checkpoint.json").read_text())["history"])
-    evaluated = run_main("vae.py", "--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4",
+    evaluated = run_main("vae.py", "--data", tiny_mnist, *QUICK, "--fid", "none", "--iw-samples", "0",
                            "--results-dir", tmp_path / "other", "--evaluate-only", "--model", results_dir / "model.keras")
     assert evaluated.returncode == 0, evaluated.stderr
     again = json.loads((tmp_path / "other" / "metrics.json").read_text())
@@ -562,10 +563,7 @@ def check_finished_run(results_dir, epochs):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_mnist):
-    results_dir = tmp_path_factory.mktemp("run") / "vae"
-    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK)
-    assert result.returncode == 0, result.stderr
-    return results_dir, result
+    return shared_run(tmp_path_factory, "vae.py", "--data", tiny_mnist, *QUICK)
 
 
 def test_run_writes_every_output(finished_run):
@@ -610,7 +608,8 @@ def test_results_without_a_model_are_replaced(finished_run, tmp_path, tiny_mnist
     """Figures and metrics alone (the examples committed in results/) are not a run to protect."""
     for name in ("metrics.json", "history.csv", "samples.png"):
         (tmp_path / name).write_bytes((finished_run[0] / name).read_bytes())
-    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "1")
+    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "1",
+                      "--fid", "none", "--iw-samples", "0")
     assert result.returncode == 0, result.stderr
     assert "holds results without a model or checkpoint; this run replaces them" in result.stdout
     check_finished_run(tmp_path, epochs=1)
@@ -627,7 +626,7 @@ def test_finished_run_is_not_overwritten(finished_run, tiny_mnist):
 
 
 def test_higher_latent_dimension_uses_pca_and_skips_the_manifold(tmp_path, tiny_mnist):
-    args = ["--latent-dim", "20", "--likelihood", "bernoulli", "--binarize", "dynamic", "--plain"]
+    args = ["--latent-dim", "20", "--likelihood", "bernoulli", "--binarize", "dynamic", "--plain", "--fid", "none"]
     result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, *args)
     assert result.returncode == 0, result.stderr
     assert "manifold figure is skipped" in result.stdout
@@ -650,7 +649,7 @@ def wait_for_epochs(results_dir, epochs, process, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     args = [sys.executable, str(ROOT / "vae.py"), "--data", str(tiny_mnist), "--results-dir", str(tmp_path),
-            "--epochs", "100", "--batch-size", "16", "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0"]
+            "--epochs", "100", "--batch-size", "16", "--fid", "none", "--iw-samples", "0"]
     # A shell's background job (`pytest ... &`) starts with SIGINT ignored, which its children inherit.
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -670,11 +669,12 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     assert not (tmp_path / "metrics.json").exists()
     epochs = json.loads((tmp_path / "checkpoint.json").read_text())["epochs_done"] + 2
     result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", epochs,
-                      "--fid", "pixel", "--fid-samples", "64", "--iw-samples", "0", "--resume")
+                      "--fid", "none", "--iw-samples", "0", "--resume")
     assert result.returncode == 0, result.stderr  # the dead process's lock is taken over
     assert "resuming from epoch" in result.stdout
     check_finished_run(tmp_path, epochs=epochs)
-    assert len(list(tmp_path.glob("checkpoint-epoch*.keras"))) == 1
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-epoch*.keras")) == [
+        f"checkpoint-epoch{epochs - 1}.keras", f"checkpoint-epoch{epochs}.keras"]  # latest, and one before
 
 
 def test_resume_completes_a_run_killed_during_its_evaluation(tmp_path, tiny_mnist):
@@ -699,7 +699,8 @@ def test_resume_completes_a_run_killed_during_its_evaluation(tmp_path, tiny_mnis
 
 def test_resumed_run_learns_exactly_what_an_unbroken_run_learns(finished_run, tmp_path, tiny_mnist):
     for epochs, resume in (("1", []), ("2", ["--resume"])):
-        result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", epochs, *resume)
+        result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", epochs,
+                          "--fid", "none", "--iw-samples", "0", *resume)
         assert result.returncode == 0, result.stderr
     unbroken = json.loads((finished_run[0] / "checkpoint.json").read_text())["history"]
     resumed = json.loads((tmp_path / "checkpoint.json").read_text())["history"]
@@ -714,7 +715,8 @@ def test_resume_extends_a_finished_run_and_keeps_its_configuration(finished_run,
         (copy / path.name).write_bytes(path.read_bytes())
     refused = run_main("vae.py", "--data", tiny_mnist, "--results-dir", copy, "--resume", "--hidden-dim", "64")
     assert refused.returncode == 2 and "--hidden-dim 64 differs" in error_lines(refused.stderr)[0]
-    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", copy, *QUICK[2:], "--epochs", "3", "--resume")
+    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", copy, *QUICK[2:], "--epochs", "3", "--resume",
+                      "--fid", "none", "--iw-samples", "0")
     assert result.returncode == 0, result.stderr
     assert check_finished_run(copy, epochs=3)["config"]["batch_size"] == 32
 
@@ -730,7 +732,7 @@ def tensorboard_steps(log_dir):
 
 
 def test_tensorboard_logs_continue_across_a_resume_without_duplicates(tmp_path, tiny_mnist):
-    common = ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "pixel", "--iw-samples", "0",
+    common = ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "none", "--iw-samples", "0",
               "--tensorboard"]
     for epochs, resume in (("1", []), ("3", ["--resume"])):
         result = run_main("vae.py", *common, "--epochs", epochs, *resume)
@@ -753,7 +755,7 @@ def test_non_finite_epoch_keeps_the_last_good_checkpoint(finished_run, tmp_path)
     results_dir, _ = finished_run
     state = json.loads((results_dir / "checkpoint.json").read_text())
     tracker = vae.TrainingState(results_dir, state["config"], "VAE", watch_images=None, watch_z=None,
-                                history=state["history"], seconds_per_epoch=state["seconds_per_epoch"])
+                                resumed_from=state)
     tracker.set_model(vae.load_saved_model(results_dir / state["model_file"]))
     tracker.on_epoch_begin(2)
     tracker.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
@@ -776,23 +778,32 @@ def test_real_mnist_run(real_mnist, tmp_path):
 
 def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist, monkeypatch):
     """The Inception path end to end, offline: random weights saved to a file stand in for
-    ImageNet's; the test set's features are cached for the next evaluation."""
+    ImageNet's; the test set's features are cached for the next evaluation. The distance itself
+    (sqrtm of a 2048 x 2048 product: a minute here) is tested in test_fid.py; here each call gets
+    the test set's and the generated images' statistics, and its value lands in metrics.json."""
     weights = tmp_path / "random_inception.weights.h5"
     fid.load_inception(None).save_weights(weights)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    compared = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda a, b: compared.append((a, b)) or 10.0 * len(compared))
     quick = ["--epochs", "1", "--fid-samples", "20", "--iw-samples", "0", "--test-size", "20"]
     args = ["--data", tiny_mnist, "--results-dir", tmp_path / "run", *quick, "--fid", "inception",
             "--inception-weights", weights]
     result = run_main("vae.py", *args)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["fid_inception_recon"] > 0 and metrics["fid_inception_samples"] > 0
+    assert (metrics["fid_inception_recon"], metrics["fid_inception_samples"]) == (10.0, 20.0)
     for metric in ("kid", "precision", "recall", "density", "coverage"):
         assert math.isfinite(metrics[f"{metric}_inception_samples"]), metric
     assert "fid: computing Inception features of 20 images" in result.stderr
     [cached] = (tmp_path / "cache" / "mnist-vae-fid").glob("inception-features-*.npz")
     with np.load(cached) as entry:  # what --evaluate-only reads instead of recomputing
         assert entry["features"].shape == (20, 2048)
+        test_features = entry["features"].astype(np.float64)
+    for reference, generated in compared:  # the test set against reconstructions, then samples
+        assert reference.features == generated.features == "inception" and generated.n == 20
+        np.testing.assert_allclose(reference.mu, test_features.mean(axis=0), rtol=1e-6, atol=1e-9)
+        assert not np.allclose(generated.mu, reference.mu)
 
 
 def test_missing_imagenet_weights_is_a_warning_not_a_failure(monkeypatch, tmp_path, tiny_mnist, capsys):
@@ -866,3 +877,13 @@ def test_a_truncated_checkpoint_is_named_unreadable(finished_run, tmp_path, tiny
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert f"{checkpoint.name}: unreadable model file (truncated or damaged" in line
+    assert "the checkpoint of epoch 1 before it is intact: add --from-previous-checkpoint" in line
+    resumed = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", "3",
+                       "--resume", "--from-previous-checkpoint", "--fid", "none",
+                       "--iw-samples", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from epoch 1 of 3" in resumed.stdout
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-epoch*.keras")) == [
+        "checkpoint-epoch2.keras", "checkpoint-epoch3.keras"]
