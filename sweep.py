@@ -1,5 +1,6 @@
-"""Hyper-parameter sweeps of vae.py or conv_vae.py on Optuna: one command per worker, as many
-workers as cores or machines, all sharing one study.
+"""Hyper-parameter sweeps of vae.py or conv_vae.py on Optuna, by workers on one or many machines.
+
+One command per worker, as many workers as cores or machines, all sharing one study:
 
     python sweep.py --script vae.py --study dense-z2 --space hidden-dim=256,512,1024 \\
         --space hidden-layers=1,2,3 --seeds 0,1,2 -- --latent-dim 2 --epochs 30
@@ -68,8 +69,9 @@ CSV_METRICS = ("fid_pixel_recon", "fid_pixel_samples", "fid_classifier_samples",
 CSV_COLUMNS = ("script", "flags", "seed", "epochs", *CSV_METRICS, "iw_samples", "train_seconds",
                "seconds")
 # The metrics the report shows beside the objective (whose range over seeds it shows too).
-REPORTED = {"fid_pixel_recon": "pixel FID recon", "fid_classifier_samples": "classifier FID samples",
-            "test_elbo": "test ELBO", "test_log_likelihood_iw": "log p(x)"}
+REPORTED = {"fid_pixel_recon": "pixel FID recon",
+            "fid_classifier_samples": "classifier FID samples", "test_elbo": "test ELBO",
+            "test_log_likelihood_iw": "log p(x)"}
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 # Optuna calls heartbeats and their retries experimental (since 2.8): they are what sweeps rely on.
@@ -195,9 +197,9 @@ def build_parser():
     parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
                         metavar="METRIC", help="the metrics.json entry to optimize (its direction "
                                                "is known: FIDs down, ELBO up, ...)")
-    parser.add_argument("--storage", help="an SQLAlchemy URL shared by every worker, e.g. "
+    parser.add_argument("--storage", help="an SQLAlchemy URL every worker shares, e.g. "
                                           "postgresql://user:password@host/db for many machines; "
-                                          "default: SQLite in --sweeps-dir (one machine)")
+                                          "none: SQLite in --sweeps-dir (one machine)")
     parser.add_argument("--sweeps-dir", default="results/sweeps",
                         help="where each study's runs go (STUDY/trial-N), and the default storage")
     parser.add_argument("--heartbeat", type=heartbeat_seconds, default=60,
@@ -472,7 +474,8 @@ class Objective:
             # reaches the worker, which passes one SIGINT on
             process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                process_group=0, preexec_fn=functools.partial(prepare_training_process, os.getpid()))
+                process_group=0,
+                preexec_fn=functools.partial(prepare_training_process, os.getpid()))
         reported = set()
         try:
             while True:
@@ -737,7 +740,8 @@ def run(args):
         study = optuna.create_study(storage=storage, study_name=args.study, load_if_exists=True,
                                     direction=direction(args.objective))
         added = import_csv(study, args.import_csv, args.objective)
-        print(f"study {args.study}: {added} run(s) of {args.import_csv} added ({state_counts(study)})")
+        print(f"study {args.study}: {added} run(s) of {args.import_csv} added "
+              f"({state_counts(study)})")
         return
     if args.report or args.export_csv:
         try:

@@ -128,9 +128,9 @@ def sweep_args(tmp_path, study, *space, storage=None, options=(), script_args=("
 
 def start_worker(tmp_path, args, name):
     """sweep.py as its own process: the worker process is the point of these tests."""
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, ROOT / "sweep.py", *args], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen([sys.executable, ROOT / "sweep.py", *args], cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(worker, tmp_path, name, timeout=60):
@@ -301,6 +301,18 @@ def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_
     assert len(table) == 1 + 3 and all("| 0,1 |" in line for line in table[1:])  # header, rows
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize()
+def test_a_grid_study_runs_no_trial_it_did_not_queue(tmp_path, fake_train):
+    """Another worker may take the grid's last queued trial between a worker's look at the queue
+    and its pick; Optuna then hands the worker a new trial, which must run nothing."""
+    args = sweep.parse_args(sweep_args(tmp_path, "race", "loss=1"))
+    study = sweep.open_study(args, sweep.open_storage(args))
+    study.ask()  # the other worker takes the one queued point
+    study.optimize(sweep.Objective(args, study), n_trials=1, catch=(sweep.NothingQueued,))
+    assert [trial.state.name for trial in study.trials] == ["RUNNING", "FAIL"]
+    assert study.trials[1].params == {} and not (tmp_path / "sweeps" / "race").exists()
+
+
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, fake_train):
     for args, message in [
         (sweep_args(tmp_path, "bad", "loss"), "expected NAME=a,b,c"),
@@ -366,3 +378,11 @@ def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, m
     assert metrics["config"]["hidden_dim"] == 16 and metrics["config"]["seed"] == 0
     assert sorted(trial.intermediate_values) == [1, 2]  # each epoch's test loss, from history.csv
     assert trial.intermediate_values[2] == pytest.approx(metrics["final_test_loss"], rel=1e-5)
+    code, _, _ = run_sweep("--study", "real", "--sweeps-dir", tmp_path / "sweeps",
+                           "--export-csv", tmp_path / "runs.csv")
+    with open(tmp_path / "runs.csv", newline="") as f:
+        [row] = csv.DictReader(f)
+    assert code == 0 and (row["script"], row["flags"], row["seed"], row["epochs"]) == (
+        "vae.py", trial.user_attrs["flags"], "0", "2")
+    assert float(row["fid_pixel_recon"]) == round(metrics["fid_pixel_recon"], 3)
+    assert row["test_log_likelihood_iw"] == row["iw_samples"] == ""  # --iw-samples 0
