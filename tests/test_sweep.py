@@ -32,7 +32,8 @@ FAKE_TRAIN = '''
 """A stand-in for vae.py: --epochs epochs of --sleep seconds, each with the test loss --loss
 (plus seed/100), written to history.csv and a checkpoint; --resume continues the checkpoint; a
 SIGINT exits 130 with the last epoch's checkpoint kept; metrics.json at the end. With --wait-for
-FILE, epoch --wait-after + 1 begins once FILE exists (the test's cue)."""
+FILE, epoch --wait-after + 1 begins once FILE exists (the test's cue); a run whose loss is above
+--hang-above makes no progress after its first epoch (a hopeless run)."""
 import argparse, json, os, sys, time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ parser.add_argument("--results-dir", required=True)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--wait-for")
 parser.add_argument("--wait-after", type=int, default=0)
+parser.add_argument("--hang-above", type=float, default=float("inf"))
 args = parser.parse_args()
 folder = Path(args.results_dir)
 folder.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,8 @@ with open(folder / "starts.txt", "a") as f:  # one line per start: process id, e
 try:
     while len(losses) < args.epochs:
         while args.wait_for and len(losses) == args.wait_after and not Path(args.wait_for).exists():
+            time.sleep(0.02)
+        while losses and args.loss > args.hang_above:
             time.sleep(0.02)
         time.sleep(args.sleep)
         losses.append(args.loss + args.seed / 100)
@@ -267,19 +271,21 @@ def test_a_terminated_worker_stops_its_run_cleanly_and_queues_its_trial_again(
 
 
 def test_pruning_stops_a_run_worse_than_the_median_and_keeps_its_checkpoint(tmp_path, fake_train):
-    code, out, err = run_sweep(*sweep_args(tmp_path, "pruned", "loss=1,1.1,1.2,1.3,1.4,5",
-                                           script_args=["--epochs", "4", "--sleep", "0.15"]))
+    """Five runs complete (the median pruner's start-up), then a hopeless one: stopped by SIGINT
+    after its first epoch, its checkpoint kept; with --no-prune, every run completes."""
+    space = "loss=1,1.1,1.2,1.3,1.4,5"
+    code, out, err = run_sweep(*sweep_args(tmp_path, "pruned", space, script_args=[
+        "--epochs", "3", "--sleep", "0.02", "--hang-above", "4"]))
     assert code == 0, err
     study = load("pruned", tmp_path)
     assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 5 + ["PRUNED"], out
     pruned = Path(study.trials[5].user_attrs["results_dir"])
     assert (pruned / "interrupted").is_file()  # SIGINT: the script's own clean stop
-    epochs = json.loads((pruned / "checkpoint.json").read_text())
-    assert 1 <= len(epochs) < 4 and not (pruned / "metrics.json").exists()
-    assert "trial 5 pruned" in out
-    code, out, err = run_sweep(*sweep_args(tmp_path, "unpruned", "loss=1,1.1,1.2,1.3,1.4,5",
-                                           options=["--no-prune"],
-                                           script_args=["--epochs", "2", "--sleep", "0.05"]))
+    assert json.loads((pruned / "checkpoint.json").read_text()) == [5]
+    assert not (pruned / "metrics.json").exists() and "trial 5 pruned" in out
+    assert study.trials[5].intermediate_values == {1: 5}
+    code, out, err = run_sweep(*sweep_args(tmp_path, "unpruned", space, options=["--no-prune"],
+                                           script_args=["--epochs", "3", "--sleep", "0.02"]))
     assert code == 0 and sweep.state_counts(load("unpruned", tmp_path)) == "6 complete"
 
 
