@@ -620,7 +620,7 @@ def report_table(study):
             cells.append(number(median(trials, metric), metric_digits(metric)))
             if metric == "test_log_likelihood_iw" and median(trials, metric) is not None:
                 cells[-1] += f" (K={trials[0].user_attrs['iw_samples']})"
-        cells += [f"{median(trials, 'train_seconds'):.0f}", f"{median(trials, 'seconds'):.0f}"]
+        cells += [number(median(trials, "train_seconds"), 0), number(median(trials, "seconds"), 0)]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
 
@@ -674,11 +674,16 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
     """Each row of the CSV as a complete trial (its flags and seed as parameters, its columns as
     user attributes), unless the study holds that run already. Returns how many were added."""
     rows = read_csv(path)
+    objective = study.user_attrs.get("sweep", {}).get("objective", objective)
+    if objective not in CSV_COLUMNS:
+        raise UsageError(f"--objective {objective}: not a column of {path}")
+    try:
+        params = [{**flag_params(row["flags"]), "seed": int(row["seed"])} for row in rows]
+    except ValueError as e:
+        raise UsageError(f"{path}: a seed that is not an integer ({e})") from None
     if "sweep" not in study.user_attrs:
         study.set_user_attr("sweep", {"objective": objective, "imported": Path(path).name})
-    objective = study.user_attrs["sweep"]["objective"]
     held = {run_key(trial.user_attrs) for trial in study.get_trials(deepcopy=False)}
-    params = [{**flag_params(row["flags"]), "seed": int(row["seed"])} for row in rows]
     choices = {}
     for run in params:
         for name, value in run.items():
@@ -735,6 +740,9 @@ def study_from_csv(path):
 # ----------------------------------------------------------------------------------------------
 
 def run(args):
+    database = Path(args.sweeps_dir) / "optuna.db"
+    if (args.report or args.export_csv) and not args.storage and not database.is_file():
+        raise UsageError(f"no study {args.study}: {database} does not exist (give --storage?)")
     storage = open_storage(args)
     if args.import_csv:
         study = optuna.create_study(storage=storage, study_name=args.study, load_if_exists=True,

@@ -66,11 +66,11 @@ try:
             time.sleep(0.02)
         time.sleep(args.sleep)
         losses.append(args.loss + args.seed / 100)
+        (folder / "checkpoint.tmp").write_text(json.dumps(losses))  # first, as vae.py does
+        os.replace(folder / "checkpoint.tmp", checkpoint)
         rows = [f"{epoch},{loss},{loss}" for epoch, loss in enumerate(losses, start=1)]
         (folder / "history.tmp").write_text("epoch,loss,val_loss\\n" + "\\n".join(rows) + "\\n")
         os.replace(folder / "history.tmp", folder / "history.csv")
-        (folder / "checkpoint.tmp").write_text(json.dumps(losses))
-        os.replace(folder / "checkpoint.tmp", checkpoint)
 except KeyboardInterrupt:
     (folder / "interrupted").touch()
     sys.exit(130)
