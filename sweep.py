@@ -27,7 +27,9 @@ process dies with it (Linux), so nothing is left running.
 import argparse
 import csv
 import ctypes
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -89,7 +91,8 @@ class RunFailed(Exception):
 
 
 class NothingQueued(Exception):
-    """Another worker took the grid's last queued trial between this worker's look and its pick."""
+    """Another worker took the grid's last queued trial between this worker's look and its pick
+    (with a storage that QueueLock cannot lock)."""
 
 
 def direction(metric):
@@ -366,6 +369,50 @@ def sampled_configurations(trials):
                and "failed_trial" not in trial.system_attrs for trial in trials)
 
 
+class QueueLock:
+    """Held by a worker from its look at the study's queue until Optuna hands it the trial it saw
+    there. Without it two workers may both see one last queued trial, and the one that loses the
+    race gets a new trial from Optuna instead (a grid point again, or one sampled configuration
+    too many). A file lock beside a SQLite file (one machine); a PostgreSQL advisory lock, waited
+    for at most --heartbeat seconds (its holder's machine may be gone) before going on without it;
+    none for other databases."""
+
+    def __init__(self, args, storage):
+        url = storage.engine.url
+        self.file = self.connection = None
+        self.held = False
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            self.file = open(f"{url.database}.lock", "a")
+        elif url.get_backend_name() == "postgresql":
+            self.connection = storage.engine.connect().execution_options(
+                isolation_level="AUTOCOMMIT")  # a session lock, outside any transaction
+            self.connection.execute(sqlalchemy.text("SELECT set_config('lock_timeout', :limit, "
+                                                    "false)"), {"limit": f"{args.heartbeat}s"})
+            self.key = int.from_bytes(hashlib.sha256(args.study.encode()).digest()[:8], "big",
+                                      signed=True)
+
+    def acquire(self):
+        if self.file:
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        elif self.connection:
+            try:
+                self.connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                                        {"key": self.key})
+            except sqlalchemy.exc.OperationalError:  # lock_timeout
+                return
+        self.held = True
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        if self.file:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+        else:
+            self.connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                    {"key": self.key})
+
+
 # ----------------------------------------------------------------------------------------------
 # A trial: the script in its own process
 # ----------------------------------------------------------------------------------------------
@@ -416,12 +463,13 @@ def last_line(path):
 class Objective:
     """Runs one trial: its configuration through the script, reporting each epoch's test loss."""
 
-    def __init__(self, args, study):
-        self.args, self.study = args, study
+    def __init__(self, args, study, lock):
+        self.args, self.study, self.lock = args, study, lock
         self.sweep = study.user_attrs["sweep"]
         self.trial = None  # the trial it runs, for an interrupt
 
     def __call__(self, trial):
+        self.lock.release()  # Optuna has handed this worker its trial
         self.trial = trial
         args, sweep = self.args, self.sweep
         queued_as = trial.user_attrs.get("queued_as")
@@ -512,13 +560,15 @@ class Objective:
 # The worker
 # ----------------------------------------------------------------------------------------------
 
-def work(args, study):
+def work(args, study, storage):
     """Take queued trials (and, for a range, sample new configurations) until the study has none
     left; while other workers' trials run, wait, since a dead worker's trial comes back."""
-    objective = Objective(args, study)
+    lock = QueueLock(args, storage)
+    objective = Objective(args, study, lock)
     sweep = study.user_attrs["sweep"]
     waiting_shown = False
     while True:
+        lock.acquire()
         trials = study.get_trials(deepcopy=False)
         states = [trial.state for trial in trials]
         if optuna.trial.TrialState.WAITING not in states and not is_grid(sweep["space"]) \
@@ -526,6 +576,7 @@ def work(args, study):
             study.enqueue_trial({"seed": sweep["seeds"][0]},
                                 user_attrs={"queued_as": "new configuration"})
         elif optuna.trial.TrialState.WAITING not in states:
+            lock.release()
             running = states.count(optuna.trial.TrialState.RUNNING)
             if not running:
                 return
@@ -555,6 +606,8 @@ def work(args, study):
             raise KeyboardInterrupt(f"trial {trial.number} is queued again; the worker that takes "
                                     f"it resumes its run ({trial.user_attrs.get('results_dir')}) "
                                     "from its checkpoint") from None
+        finally:
+            lock.release()
         if objective.trial is not None:
             trial = study.get_trials(deepcopy=False)[objective.trial.number]
             print(f"[sweep] trial {trial.number} {outcome(trial, sweep['objective'])}", flush=True)
@@ -771,7 +824,7 @@ def run(args):
     study = open_study(args, storage)
     print(f"[sweep] study {args.study} in {shown(storage_url(args))}: {state_counts(study)}",
           flush=True)
-    work(args, study)
+    work(args, study, storage)
     report = f"python sweep.py --study {args.study} --report" + (
         f" --storage {shown(args.storage)}" if args.storage else "")
     print(f"[sweep] study {args.study} done ({state_counts(study)}); its table: {report}")

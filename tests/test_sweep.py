@@ -309,12 +309,15 @@ def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize()
 def test_a_grid_study_runs_no_trial_it_did_not_queue(tmp_path, fake_train):
-    """Another worker may take the grid's last queued trial between a worker's look at the queue
-    and its pick; Optuna then hands the worker a new trial, which must run nothing."""
+    """Where the queue cannot be locked (databases other than SQLite and PostgreSQL), another
+    worker may take the grid's last queued trial between a worker's look at the queue and its
+    pick; Optuna then hands the worker a new trial, which must run nothing."""
     args = sweep.parse_args(sweep_args(tmp_path, "race", "loss=1"))
-    study = sweep.open_study(args, sweep.open_storage(args))
+    storage = sweep.open_storage(args)
+    study = sweep.open_study(args, storage)
     study.ask()  # the other worker takes the one queued point
-    study.optimize(sweep.Objective(args, study), n_trials=1, catch=(sweep.NothingQueued,))
+    objective = sweep.Objective(args, study, sweep.QueueLock(args, storage))
+    study.optimize(objective, n_trials=1, catch=(sweep.NothingQueued,))
     assert [trial.state.name for trial in study.trials] == ["RUNNING", "FAIL"]
     assert study.trials[1].params == {} and not (tmp_path / "sweeps" / "race").exists()
 
