@@ -7,15 +7,16 @@ results/README.md cannot drift from them (tests/test_readme.py checks both docum
 Each table sits in its document between `<!-- NAME -->` and `<!-- /NAME -->`.
 """
 
-import csv
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import sweep  # noqa: E402
+from sweep import number  # noqa: E402
 
 # The committed runs, in the README's order: folder under results/, and what the row is.
 RUNS = [
@@ -58,10 +59,6 @@ def command(metrics, folder):
             shown = ",".join(value) if isinstance(value, tuple) else value
             flags.append(f"{option} {shown}")
     return " ".join(["python", architecture.script, *flags, "--results-dir", f"results/{folder}"])
-
-
-def number(value, digits=2):
-    return "—" if value is None else f"{value:.{digits}f}".replace("-", "\N{MINUS SIGN}")
 
 
 def kid(metrics, images="samples", std=True):
@@ -117,25 +114,8 @@ def committed_runs_table():
 
 
 def tuning_table():
-    """results/tuning.csv, one row per configuration: medians over its seeds."""
-    with open(ROOT / "results" / "tuning.csv", newline="") as f:
-        runs = list(csv.DictReader(f))
-    configurations = {}
-    for run in runs:
-        configurations.setdefault((run["script"], run["flags"], run["epochs"]), []).append(run)
-    rows = ["| script | flags | epochs | seeds | pixel FID recon | classifier FID samples | "
-            "test ELBO | log p(x) (K) | training (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for (script, flags, epochs), group in configurations.items():
-        def median(key):
-            return statistics.median(float(run[key]) for run in group)
-        seeds = ",".join(run["seed"] for run in group)
-        rows.append(f"| {script} | `{flags}` | {epochs} | {seeds} "
-                    f"| {number(median('fid_pixel_recon'))} "
-                    f"| {number(median('fid_classifier_samples'), 1)} "
-                    f"| {number(median('test_elbo'))} "
-                    f"| {number(median('test_log_likelihood_iw'))} ({group[0]['iw_samples']}) "
-                    f"| {median('train_seconds'):.0f} |")
-    return "\n".join(rows)
+    """`python sweep.py --study NAME --report` of a study holding results/tuning.csv's runs."""
+    return sweep.report_table(sweep.study_from_csv(ROOT / "results" / "tuning.csv"))
 
 
 TABLES = {"results-table": readme_table, "committed-runs-table": committed_runs_table,
