@@ -15,11 +15,12 @@ from keras import layers, ops
 import fid
 import vae
 
-# Compute dtypes whose convolutions run as matrix products (MatmulConv2D, MatmulConv2DTranspose):
-# TF's CPU convolutions in bfloat16 are several times slower than in float32, its matrix products
-# are not; in float32 its own convolutions are faster than these forms (the sub-pixel one does 16/9
-# of the multiply-adds). tests/bench/bench_training.py --profile measures both.
-MATMUL_DTYPES = ("bfloat16",)
+# The compute dtypes in which each matrix-product form replaces Keras' op in MatmulConv2D and
+# MatmulConv2DTranspose, as the profile of tests/bench/bench_training.py times both (forward and
+# backward) on an AVX2 CPU: TF's bfloat16 convolutions are the slower everywhere (up to 7x); in
+# float32 its own are faster, but for the stride-1 transposed one (2.4x slower).
+MATMUL_DTYPES = {"im2col": ("bfloat16",), "subpixel": ("bfloat16",),
+                 "col2im": ("bfloat16", "float32")}
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row
 # 0 from input row m and row 2 from row m - 1 (p = 0), or row 1 from row m (p = 1).
 # SUBPIXEL_ROWS[a][p]: the kernel row that input row m - 1 + a gives output phase p (3: none, a
@@ -119,22 +120,30 @@ def conv_transpose_as_matmul(x, kernel, stride):
     return sum_taps(products(x, ops.reshape(ops.transpose(kernel, (3, 0, 1, 2)), (channels, -1))))
 
 
-def matmul_form(layer):
-    """Whether the layer's convolution runs as a matrix product: a 3x3 "same" one in a compute
-    dtype of MATMUL_DTYPES; anything else keeps Keras' op."""
-    return (layer.compute_dtype in MATMUL_DTYPES and layer.kernel_size == (3, 3)
-            and layer.padding == "same" and layer.data_format == "channels_last"
-            and layer.dilation_rate == (1, 1))
+def three_by_three_same(layer):
+    return (layer.kernel_size == (3, 3) and layer.padding == "same"
+            and layer.data_format == "channels_last" and layer.dilation_rate == (1, 1))
+
+
+def uses_matmul(layer, input_shape):
+    """Whether the layer's convolution runs in its matrix-product form (MATMUL_DTYPES)."""
+    form = layer.matmul_form(input_shape)
+    return form is not None and layer.compute_dtype in MATMUL_DTYPES[form]
 
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class MatmulConv2D(layers.Conv2D):
     """Conv2D (same variables, same function) whose 3x3 stride-2 convolutions of even-sized maps
-    run as one matrix product in MATMUL_DTYPES (conv_as_matmul)."""
+    can run as one matrix product (conv_as_matmul)."""
+
+    def matmul_form(self, input_shape):
+        if (three_by_three_same(self) and self.strides == (2, 2) and self.groups == 1
+                and input_shape[1] % 2 == 0 and input_shape[2] % 2 == 0):
+            return "im2col"
+        return None
 
     def convolution_op(self, inputs, kernel):
-        if (matmul_form(self) and self.strides == (2, 2) and self.groups == 1
-                and inputs.shape[1] % 2 == 0 and inputs.shape[2] % 2 == 0):
+        if uses_matmul(self, inputs.shape):
             return conv_as_matmul(inputs, kernel)
         return super().convolution_op(inputs, kernel)
 
@@ -142,11 +151,15 @@ class MatmulConv2D(layers.Conv2D):
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class MatmulConv2DTranspose(layers.Conv2DTranspose):
     """Conv2DTranspose (same variables, same function) whose 3x3 transposed convolutions of stride
-    1 or 2 run as one matrix product in MATMUL_DTYPES (conv_transpose_as_matmul)."""
+    2 or 1 can run as one matrix product (conv_transpose_as_matmul)."""
+
+    def matmul_form(self, input_shape):
+        if three_by_three_same(self) and self.output_padding is None:
+            return {(2, 2): "subpixel", (1, 1): "col2im"}.get(self.strides)
+        return None
 
     def call(self, inputs):
-        if not (matmul_form(self) and self.strides in ((1, 1), (2, 2))
-                and self.output_padding is None):
+        if not uses_matmul(self, inputs.shape):
             return super().call(inputs)
         outputs = conv_transpose_as_matmul(inputs, ops.convert_to_tensor(self.kernel),
                                            self.strides[0])

@@ -104,11 +104,12 @@ def relative_difference(expected, actual):
 
 
 def forward_and_gradients(layer, x):
-    """The layer's output, and the gradients of a weighted sum of it for its input and weights."""
+    """The layer's output, and the gradients of a weighted sum of it for its input and weights
+    (weights in [1, 3]: sums that do not cancel, so bfloat16's rounding stays relative)."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x)
-        weights = tf.cos(tf.reshape(tf.range(tf.size(y), dtype=tf.float32), tf.shape(y)))
+        weights = 2 + tf.cos(tf.reshape(tf.range(tf.size(y), dtype=tf.float32), tf.shape(y)))
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
     return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
 
@@ -136,6 +137,7 @@ CONVOLUTIONS = {  # Keras' layer, its options, a tiny input shape: each kind the
 def layer_pair(name, dtype="float32"):
     """Keras' layer and its matrix-product subclass with the same weights (a nonzero bias)."""
     keras_class, options, shape = CONVOLUTIONS[name]
+    keras.utils.set_random_seed(0)
     options = dict(kernel_size=3, padding="same", activation="elu", dtype=dtype, **options)
     reference = keras_class(bias_initializer="random_normal", **options)
     fast = getattr(conv_vae, f"Matmul{keras_class.__name__}")(**options)
@@ -146,10 +148,16 @@ def layer_pair(name, dtype="float32"):
     return reference, fast, x
 
 
+def matmul_forms_in_float32(monkeypatch):
+    """Every form in float32 too, to compare at float32's precision."""
+    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES",
+                        {form: ("float32", "bfloat16") for form in conv_vae.MATMUL_DTYPES})
+
+
 @pytest.mark.parametrize("name", CONVOLUTIONS)
 def test_matmul_forms_equal_keras_layers_with_the_same_weights(name, monkeypatch,
                                                                spied_matmul_forms):
-    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", ("float32",))  # compared at float32's precision
+    matmul_forms_in_float32(monkeypatch)
     reference, fast, x = layer_pair(name)
     expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
     assert spied_matmul_forms
@@ -158,16 +166,18 @@ def test_matmul_forms_equal_keras_layers_with_the_same_weights(name, monkeypatch
 
 
 @pytest.mark.parametrize("name", CONVOLUTIONS)
-def test_bfloat16_convolutions_run_as_matrix_products_float32_ones_as_keras_ops(name,
-                                                                                spied_matmul_forms):
+def test_bfloat16_runs_every_matmul_form_float32_only_col2im(name, spied_matmul_forms):
     reference, fast, x = layer_pair(name)
-    np.testing.assert_array_equal(reference(x), fast(x))
-    assert not spied_matmul_forms
+    if fast.matmul_form(x.shape) == "col2im":
+        assert relative_difference(reference(x), fast(x)) < 1e-5 and spied_matmul_forms
+    else:
+        np.testing.assert_array_equal(reference(x), fast(x))
+        assert not spied_matmul_forms
     reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
     expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
     assert spied_matmul_forms and keras.backend.standardize_dtype(actual[0].dtype) == "bfloat16"
     for a, b in zip(expected, actual):
-        assert relative_difference(a, b) < 0.03  # bfloat16 rounds to 2^-9 relative
+        assert relative_difference(a, b) < 0.05  # bfloat16: 2^-8 = 0.4% per rounding; sums of them
 
 
 def conv_args(plain):
@@ -187,7 +197,7 @@ def test_model_saved_with_keras_layers_loads_and_matmul_forms_reproduce_it(tmp_p
     z = loaded.encoder(x)[0]
     np.testing.assert_array_equal(z, earlier.encoder(x)[0])
     np.testing.assert_array_equal(loaded.decoder(z), earlier.decoder(z))
-    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", ("float32",))
+    matmul_forms_in_float32(monkeypatch)
     fast = vae.build_model(conv_args(plain=False), conv_vae.CONV, x.shape[1:])
     fast(x)
     fast.set_weights(loaded.get_weights())  # the same variables, in the same order and shapes
@@ -220,8 +230,12 @@ def test_short_run_with_matmul_forms_follows_keras_layers(tiny_mnist, monkeypatc
     float32 rounding only."""
     x = vae.to_float_images(vae.load_dataset(tiny_mnist)[0][:64])
     losses, weights = {}, {}
-    for forms in ((), ("float32",)):
-        monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", forms)
+    for forms in ("keras", "matmul"):
+        if forms == "keras":
+            monkeypatch.setattr(conv_vae, "MATMUL_DTYPES",
+                                dict.fromkeys(conv_vae.MATMUL_DTYPES, ()))
+        else:
+            matmul_forms_in_float32(monkeypatch)
         keras.utils.set_random_seed(0)
         model = vae.build_model(conv_args(plain=False), conv_vae.CONV, x.shape[1:])
         model(x[:1])
@@ -232,8 +246,8 @@ def test_short_run_with_matmul_forms_follows_keras_layers(tiny_mnist, monkeypatc
             losses[forms].append(model.train_on_batch(batch, return_dict=True)["loss"])
         weights[forms] = model.get_weights()
     assert set(spied_matmul_forms) == {"conv_as_matmul", "conv_transpose_as_matmul"}
-    loss_difference = relative_difference(losses[()], losses[("float32",)])
-    weight_difference = max(np.abs(a - b).max() for a, b in zip(weights[()], weights[("float32",)]))
+    loss_difference = relative_difference(losses["keras"], losses["matmul"])
+    weight_difference = max(np.abs(a - b).max() for a, b in zip(weights["keras"], weights["matmul"]))
     print(f"losses' largest relative difference {loss_difference:.1e}, weights' largest "
           f"difference {weight_difference:.1e}")
     assert loss_difference < 1e-6
