@@ -15,12 +15,12 @@ from keras import layers, ops
 import fid
 import vae
 
-# The compute dtypes in which each matrix-product form replaces Keras' op in MatmulConv2D and
-# MatmulConv2DTranspose, as the profile of tests/bench/bench_training.py times both (forward and
-# backward) on an AVX2 CPU: TF's bfloat16 convolutions are the slower everywhere (up to 7x); in
-# float32 its own are faster, but for the stride-1 transposed one (2.4x slower).
-MATMUL_DTYPES = {"im2col": ("bfloat16",), "subpixel": ("bfloat16",),
-                 "col2im": ("bfloat16", "float32")}
+# Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
+# instead of Keras' op. The profile of tests/bench/bench_training.py times both: on a CPU, TF's
+# bfloat16 convolutions take 1.2x to 8.5x the forms' time in a training step; its float32 ones are
+# faster, but for the last (stride-1) one, whose form wins in training and loses at the likelihood
+# estimate's large batches (results/README.md, Speed).
+MATMUL_DTYPES = ("bfloat16",)
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row
 # 0 from input row m and row 2 from row m - 1 (p = 0), or row 1 from row m (p = 1).
 # SUBPIXEL_ROWS[a][p]: the kernel row that input row m - 1 + a gives output phase p (3: none, a
@@ -127,8 +127,7 @@ def three_by_three_same(layer):
 
 def uses_matmul(layer, input_shape):
     """Whether the layer's convolution runs in its matrix-product form (MATMUL_DTYPES)."""
-    form = layer.matmul_form(input_shape)
-    return form is not None and layer.compute_dtype in MATMUL_DTYPES[form]
+    return layer.compute_dtype in MATMUL_DTYPES and layer.matmul_form(input_shape) is not None
 
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
