@@ -10,10 +10,22 @@ import sys
 
 import keras
 import tensorflow as tf
-from keras import layers
+from keras import layers, ops
 
 import fid
 import vae
+
+# Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
+# instead of Keras' op. The profile of tests/bench/bench_training.py times both: on a CPU, TF's
+# bfloat16 convolutions take 1.2x to 8.5x the forms' time in a training step; its float32 ones are
+# faster, but for the last (stride-1) one, whose form wins in training and loses at the likelihood
+# estimate's large batches (results/README.md, Speed).
+MATMUL_DTYPES = ("bfloat16",)
+# Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row
+# 0 from input row m and row 2 from row m - 1 (p = 0), or row 1 from row m (p = 1).
+# SUBPIXEL_ROWS[a][p]: the kernel row that input row m - 1 + a gives output phase p (3: none, a
+# zero row); the same table serves the columns.
+SUBPIXEL_ROWS = ((2, 3), (0, 1))
 
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
@@ -37,6 +49,131 @@ class ByteDropout(layers.Dropout):
         return inputs / (1.0 - self.rate) * tf.cast(random_bytes >= int(threshold), inputs.dtype)
 
 
+def products(columns, matrix):
+    """(batch, height, width, k) @ (k, n) -> (batch, height, width, n): one matrix product over
+    every position of every image."""
+    height, width, depth = columns.shape[1:]
+    flat = ops.matmul(ops.reshape(columns, (-1, depth)), matrix)
+    return ops.reshape(flat, (-1, height, width, matrix.shape[1]))
+
+
+def shifted(x, top, left, height, width, first_channel=0, channels=None):
+    """A (height, width) window of x from (top, left), channels [first, first + channels): tf.slice,
+    whose gradient is one pad (a strided slice's is several times slower)."""
+    return tf.slice(x, (0, top, left, first_channel),
+                    (-1, height, width, x.shape[3] if channels is None else channels))
+
+
+def conv_as_matmul(x, kernel):
+    """A 3x3 stride-2 "same" convolution of an even-sized map as one matrix product: output (i, j)
+    reads input rows and columns 2i .. 2i + 2 (the last one past the edge is zero), which
+    space_to_depth makes rows i and i + 1 of four phase planes; the nine taps side by side
+    (im2col) times the kernel as a (9 x channels, filters) matrix."""
+    height, width, channels = x.shape[1] // 2, x.shape[2] // 2, x.shape[3]
+    phases = tf.nn.space_to_depth(ops.pad(x, ((0, 0), (0, 2), (0, 2), (0, 0))), 2)
+    taps = [shifted(phases, row // 2, column // 2, height, width,
+                    (2 * (row % 2) + column % 2) * channels, channels)
+            for row in range(3) for column in range(3)]
+    return products(ops.concatenate(taps, axis=-1), ops.reshape(kernel, (9 * channels, -1)))
+
+
+def subpixel_matrix(kernel):
+    """Keras' (3, 3, filters, channels) transposed kernel as the (2 x 2 x channels, 2 x 2 x filters)
+    matrix of the sub-pixel form: 2x2 window offset (a, b) to output phase (p, q) is kernel tap
+    [SUBPIXEL_ROWS[a][p], SUBPIXEL_ROWS[b][q]], zero where that phase has none."""
+    filters, channels = kernel.shape[2:]
+    padded = ops.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    taps = ops.take(ops.take(padded, SUBPIXEL_ROWS, axis=0), SUBPIXEL_ROWS, axis=2)  # a p b q f c
+    return ops.reshape(ops.transpose(taps, (0, 2, 5, 1, 3, 4)), (4 * channels, 4 * filters))
+
+
+@tf.custom_gradient
+def sum_taps(taps):
+    """(batch, height, width, 9 x filters) products of each kernel tap -> (batch, height, width,
+    filters): output (i, j) adds tap (k, l)'s product at (i + 1 - k, j + 1 - l), zero outside
+    (col2im). Its gradient reads each tap's window of the upstream gradient (im2col) instead of
+    adding up nine zero-padded full-size copies, as autodiff of the slices would."""
+    height, width, filters = taps.shape[1], taps.shape[2], taps.shape[3] // 9
+    padded = ops.pad(taps, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    total = tf.add_n([shifted(padded, 2 - k, 2 - l, height, width, (3 * k + l) * filters, filters)
+                      for k in range(3) for l in range(3)])
+
+    def gradient(upstream):
+        padded = ops.pad(upstream, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return ops.concatenate([shifted(padded, k, l, height, width)
+                                for k in range(3) for l in range(3)], axis=-1)
+
+    return total, gradient
+
+
+def conv_transpose_as_matmul(x, kernel, stride):
+    """A 3x3 "same" transposed convolution as one matrix product. Stride 2: the sub-pixel form (Shi
+    et al. 2016), a 2x2 window of the small map times subpixel_matrix, each output phase's filters
+    then moved to its pixel by depth_to_space: no zero-stuffed input. Stride 1: each position's
+    channels times every tap's filters at once, then summed at their offsets (sum_taps)."""
+    height, width, channels = x.shape[1:]
+    if stride == 2:
+        padded = ops.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
+        window = ops.concatenate([shifted(padded, a, b, height, width)
+                                  for a in range(2) for b in range(2)], axis=-1)
+        return tf.nn.depth_to_space(products(window, subpixel_matrix(kernel)), 2)
+    return sum_taps(products(x, ops.reshape(ops.transpose(kernel, (3, 0, 1, 2)), (channels, -1))))
+
+
+def three_by_three_same(layer):
+    return (layer.kernel_size == (3, 3) and layer.padding == "same"
+            and layer.data_format == "channels_last" and layer.dilation_rate == (1, 1))
+
+
+def uses_matmul(layer, input_shape):
+    """Whether the layer's convolution runs in its matrix-product form (MATMUL_DTYPES)."""
+    return layer.compute_dtype in MATMUL_DTYPES and layer.matmul_form(input_shape) is not None
+
+
+@keras.saving.register_keras_serializable(package="mnist_vae")
+class MatmulConv2D(layers.Conv2D):
+    """Conv2D (same variables, same function) whose 3x3 stride-2 convolutions of even-sized maps
+    can run as one matrix product (conv_as_matmul)."""
+
+    def matmul_form(self, input_shape):
+        if (three_by_three_same(self) and self.strides == (2, 2) and self.groups == 1
+                and input_shape[1] % 2 == 0 and input_shape[2] % 2 == 0):
+            return "im2col"
+        return None
+
+    def convolution_op(self, inputs, kernel):
+        if uses_matmul(self, inputs.shape):
+            return conv_as_matmul(inputs, kernel)
+        return super().convolution_op(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="mnist_vae")
+class MatmulConv2DTranspose(layers.Conv2DTranspose):
+    """Conv2DTranspose (same variables, same function) whose 3x3 transposed convolutions of stride
+    2 or 1 can run as one matrix product (conv_transpose_as_matmul)."""
+
+    def matmul_form(self, input_shape):
+        if three_by_three_same(self) and self.output_padding is None:
+            return {(2, 2): "subpixel", (1, 1): "col2im"}.get(self.strides)
+        return None
+
+    def call(self, inputs):
+        if not uses_matmul(self, inputs.shape):
+            return super().call(inputs)
+        outputs = conv_transpose_as_matmul(inputs, ops.convert_to_tensor(self.kernel),
+                                           self.strides[0])
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(outputs)
+
+
+def convolutions(args):
+    """Keras' own Conv2D and Conv2DTranspose with --plain (the speed baseline), the matrix-product
+    forms otherwise."""
+    return ((layers.Conv2D, layers.Conv2DTranspose) if args.plain
+            else (MatmulConv2D, MatmulConv2DTranspose))
+
+
 def dropout(args):
     """Keras' own layer with --plain (the speed baseline), the cheaper mask otherwise."""
     return (layers.Dropout if args.plain else ByteDropout)(args.dropout)
@@ -45,10 +182,10 @@ def dropout(args):
 def conv_encoder(args, image_shape):
     """HxWx1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance);
     --dense-layers N stacks N dense layers of --dense-units there."""
+    conv, _ = convolutions(args)
     x = keras.Input(image_shape)
-    h = layers.Conv2D(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
-    h = layers.Conv2D(2 * args.filters, 3, strides=2, padding="same",
-                      activation=args.activation)(h)
+    h = conv(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
+    h = conv(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
     h = vae.dense_layers(layers.Flatten()(dropout(args)(h)), args.dense_units, args.dense_layers,
                          args.activation)
     return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
@@ -58,17 +195,17 @@ def conv_decoder(args, image_shape):
     """latent -> Dense(H/4 * W/4 * 2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1,
     sigmoid); --dense-layers N puts N - 1 dense layers of --dense-units first, mirroring the
     encoder."""
+    _, conv_transpose = convolutions(args)
     height, width = image_shape[0] // 4, image_shape[1] // 4  # two stride-2 convolutions
     z = keras.Input((args.latent_dim,))
     h = vae.dense_layers(z, args.dense_units, args.dense_layers - 1, args.activation)
     h = layers.Dense(height * width * 2 * args.filters, activation=args.activation)(h)
     h = layers.Reshape((height, width, 2 * args.filters))(h)
-    h = layers.Conv2DTranspose(2 * args.filters, 3, strides=2, padding="same",
-                               activation=args.activation)(h)
-    h = layers.Conv2DTranspose(args.filters, 3, strides=2, padding="same",
-                               activation=args.activation)(h)
+    h = conv_transpose(2 * args.filters, 3, strides=2, padding="same",
+                       activation=args.activation)(h)
+    h = conv_transpose(args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
     h = dropout(args)(h)
-    logits = layers.Conv2DTranspose(1, 3, padding="same")(h)
+    logits = conv_transpose(1, 3, padding="same")(h)
     x_hat = layers.Activation("sigmoid", dtype="float32")(logits)  # see vae.posterior_head
     return keras.Model(z, x_hat, name="decoder")
 

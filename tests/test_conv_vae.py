@@ -7,6 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import QUICK, error_lines, run_main, shared_run
 
 import conv_vae
@@ -53,15 +54,16 @@ def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
     assert not np.allclose(model.decoder(z_mean, training=True), model.decoder(z_mean, training=True))
 
 
-@pytest.mark.parametrize("plain, dropout", [(False, "ByteDropout"), (True, "Dropout")])
-def test_architecture_matches_the_original(plain, dropout):
+@pytest.mark.parametrize("plain, conv, dropout", [(False, "MatmulConv2D", "ByteDropout"),
+                                                  (True, "Conv2D", "Dropout")])
+def test_architecture_matches_the_original(plain, conv, dropout):
     args = argparse.Namespace(latent_dim=2, filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=plain, activation="relu")
     encoder, decoder = conv_vae.conv_encoder(args, (28, 28, 1)), conv_vae.conv_decoder(args, (28, 28, 1))
     assert [layer.__class__.__name__ for layer in encoder.layers[1:]] == [
-        "Conv2D", "Conv2D", dropout, "Flatten", "Dense", "Dense", "Dense"]
+        conv, conv, dropout, "Flatten", "Dense", "Dense", "Dense"]
     assert encoder.layers[2].output.shape == (None, 7, 7, 64) and encoder.layers[5].units == 32
     assert [layer.__class__.__name__ for layer in decoder.layers[1:]] == [
-        "Dense", "Reshape", "Conv2DTranspose", "Conv2DTranspose", dropout, "Conv2DTranspose", "Activation"]
+        "Dense", "Reshape", *[f"{conv}Transpose"] * 2, dropout, f"{conv}Transpose", "Activation"]
     assert decoder.output.shape == (None, 28, 28, 1) and decoder.layers[-1].get_config()["activation"] == "sigmoid"
 
 
@@ -89,6 +91,158 @@ def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
     kept = keras.ops.convert_to_numpy(conv_vae.ByteDropout(0.25, seed=0, dtype="mixed_bfloat16")(
         np.ones((8, 28, 28, 32), np.float32), training=True))
     assert set(np.unique(kept.astype(np.float32))) == {0.0, np.float32(keras.ops.cast(1 / 0.75, "bfloat16"))}
+
+
+def relative_difference(expected, actual):
+    """Largest absolute difference over the largest magnitude."""
+    expected, actual = (np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float32")), np.float64)
+                        for t in (expected, actual))
+    return np.abs(actual - expected).max() / np.abs(expected).max()
+
+
+def forward_and_gradients(layer, x):
+    """The layer's output, and the gradients of a weighted sum of it for its input and weights
+    (weights in [1, 3]: sums that do not cancel, so bfloat16's rounding stays relative)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        weights = 2 + tf.cos(tf.reshape(tf.range(tf.size(y), dtype=tf.float32), tf.shape(y)))
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+    return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
+
+
+@pytest.fixture
+def spied_matmul_forms(monkeypatch):
+    """The names of the matrix-product forms, once per call."""
+    calls = []
+    for name in ("conv_as_matmul", "conv_transpose_as_matmul"):
+        form = getattr(conv_vae, name)
+        monkeypatch.setattr(conv_vae, name,
+                            lambda *args, form=form: calls.append(form.__name__) or form(*args))
+    return calls
+
+
+CONVOLUTIONS = {  # Keras' layer, its options, a tiny input shape: each kind the networks hold
+    "first, 1 channel": (keras.layers.Conv2D, dict(filters=5, strides=2), (3, 8, 6, 1)),
+    "second": (keras.layers.Conv2D, dict(filters=5, strides=2), (3, 6, 8, 4)),
+    "transposed, stride 2": (keras.layers.Conv2DTranspose, dict(filters=5, strides=2), (3, 4, 3, 6)),
+    "last, 1 filter": (keras.layers.Conv2DTranspose, dict(filters=1, strides=1), (3, 5, 4, 6)),
+    "transposed, stride 1": (keras.layers.Conv2DTranspose, dict(filters=3, strides=1), (3, 5, 4, 6)),
+}
+
+
+def layer_pair(name, dtype="float32"):
+    """Keras' layer and its matrix-product subclass with the same weights (a nonzero bias)."""
+    keras_class, options, shape = CONVOLUTIONS[name]
+    keras.utils.set_random_seed(0)
+    options = dict(kernel_size=3, padding="same", activation="elu", dtype=dtype, **options)
+    reference = keras_class(bias_initializer="random_normal", **options)
+    fast = getattr(conv_vae, f"Matmul{keras_class.__name__}")(**options)
+    x = tf.constant(np.random.default_rng(0).standard_normal(shape), tf.float32)
+    reference(x), fast(x)
+    fast.set_weights(reference.get_weights())
+    assert [(w.name, w.shape) for w in fast.weights] == [(w.name, w.shape) for w in reference.weights]
+    return reference, fast, x
+
+
+def matmul_forms_in_float32(monkeypatch):
+    """The forms in float32 too, to compare at float32's precision."""
+    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", ("float32", "bfloat16"))
+
+
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_matmul_forms_equal_keras_layers_with_the_same_weights(name, monkeypatch,
+                                                               spied_matmul_forms):
+    matmul_forms_in_float32(monkeypatch)
+    reference, fast, x = layer_pair(name)
+    expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
+    assert spied_matmul_forms
+    for a, b in zip(expected, actual):  # output; gradients of the input, kernel and bias
+        assert a.shape == b.shape and relative_difference(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_bfloat16_convolutions_run_as_matrix_products_float32_ones_as_keras_ops(name,
+                                                                                spied_matmul_forms):
+    reference, fast, x = layer_pair(name)
+    np.testing.assert_array_equal(reference(x), fast(x))
+    assert not spied_matmul_forms
+    reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
+    expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
+    assert spied_matmul_forms and keras.backend.standardize_dtype(actual[0].dtype) == "bfloat16"
+    for a, b in zip(expected, actual):
+        assert relative_difference(a, b) < 0.05  # bfloat16: 2^-8 = 0.4% per rounding; sums of them
+
+
+def conv_args(plain):
+    return argparse.Namespace(latent_dim=2, filters=4, dense_units=8, dense_layers=1, dropout=0.25,
+                              plain=plain, activation="relu", dtype_policy="float32",
+                              likelihood="gaussian", binarize="none", seed=0, beta=1.0,
+                              kl_warmup_epochs=0)
+
+
+def test_model_saved_with_keras_layers_loads_and_matmul_forms_reproduce_it(tmp_path, tiny_mnist,
+                                                                            monkeypatch):
+    x = vae.to_float_images(vae.load_dataset(tiny_mnist)[2][:8])
+    earlier = vae.build_model(conv_args(plain=True), conv_vae.CONV, x.shape[1:])  # Keras' layers
+    earlier(x)
+    vae.save_model(earlier, tmp_path / "model.keras")
+    loaded = vae.load_saved_model(tmp_path / "model.keras")
+    z = loaded.encoder(x)[0]
+    np.testing.assert_array_equal(z, earlier.encoder(x)[0])
+    np.testing.assert_array_equal(loaded.decoder(z), earlier.decoder(z))
+    matmul_forms_in_float32(monkeypatch)
+    fast = vae.build_model(conv_args(plain=False), conv_vae.CONV, x.shape[1:])
+    fast(x)
+    fast.set_weights(loaded.get_weights())  # the same variables, in the same order and shapes
+    assert relative_difference(z, fast.encoder(x)[0]) < 1e-5
+    assert relative_difference(loaded.decoder(z), fast.decoder(z)) < 1e-5
+
+
+def test_checkpoint_with_keras_layers_restores_and_trains_on(tmp_path, tiny_mnist):
+    x = vae.to_float_images(vae.load_dataset(tiny_mnist)[0][:32])
+    earlier = vae.build_model(conv_args(plain=True), conv_vae.CONV, x.shape[1:])
+    earlier(x[:1])
+    earlier.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    earlier.train_on_batch(x[:16])
+    vae.save_model(earlier, tmp_path / "checkpoint-epoch1.keras")
+    state = {"model_file": "checkpoint-epoch1.keras",
+             "random_states": [v.numpy() for v in vae.random_states(earlier)]}
+    restored = vae.restore_checkpoint(tmp_path, state)  # as --resume restores it
+    assert {"Conv2DTranspose", "Dropout"} <= {layer.__class__.__name__
+                                              for layer in restored.decoder.layers}
+    for a, b in zip(restored.get_weights() + vae.random_states(restored),
+                    earlier.get_weights() + vae.random_states(earlier)):
+        np.testing.assert_array_equal(a, b)
+    logs = restored.train_on_batch(x[16:], return_dict=True)
+    assert int(restored.optimizer.iterations) == 2 and math.isfinite(logs["loss"])
+
+
+def test_short_run_with_matmul_forms_follows_keras_layers(tiny_mnist, monkeypatch,
+                                                          spied_matmul_forms):
+    """Adam updates from the same weights, dropout masks and noise: the losses and weights differ by
+    float32 rounding only."""
+    x = vae.to_float_images(vae.load_dataset(tiny_mnist)[0][:64])
+    losses, weights = {}, {}
+    for forms in ("keras", "matmul"):
+        if forms == "matmul":
+            matmul_forms_in_float32(monkeypatch)
+        keras.utils.set_random_seed(0)
+        model = vae.build_model(conv_args(plain=False), conv_vae.CONV, x.shape[1:])
+        model(x[:1])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # quicker here
+        losses[forms] = []
+        for batch in np.split(x, 4):
+            model.reset_metrics()
+            losses[forms].append(model.train_on_batch(batch, return_dict=True)["loss"])
+        weights[forms] = model.get_weights()
+    assert set(spied_matmul_forms) == {"conv_as_matmul", "conv_transpose_as_matmul"}
+    loss_difference = relative_difference(losses["keras"], losses["matmul"])
+    weight_difference = max(np.abs(a - b).max() for a, b in zip(weights["keras"], weights["matmul"]))
+    print(f"losses' largest relative difference {loss_difference:.1e}, weights' largest "
+          f"difference {weight_difference:.1e}")
+    assert loss_difference < 1e-6
+    assert weight_difference < 1e-5  # 1% of what Adam (1e-3) moves a weight in one update
 
 
 def kept_fraction_tolerance(keep, size):
