@@ -16,10 +16,10 @@ import fid
 import vae
 
 # Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
-# instead of Keras' op. The profile of tests/bench/bench_training.py times both: on a CPU, TF's
-# bfloat16 convolutions take 1.2x to 8.5x the forms' time in a training step; its float32 ones are
-# faster, but for the last (stride-1) one, whose form wins in training and loses at the likelihood
-# estimate's large batches (results/README.md, Speed).
+# instead of Keras' op. tests/bench/bench_training.py times each layer both ways: on a CPU, TF's
+# bfloat16 convolutions are the slower (up to 6x in a training step); its float32 ones the faster,
+# but for the last, stride-1 one, whose form gains alone but not in a whole training step, and
+# loses at the likelihood estimate's large batches (results/README.md, Speed).
 MATMUL_DTYPES = ("bfloat16",)
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row
 # 0 from input row m and row 2 from row m - 1 (p = 0), or row 1 from row m (p = 1).

@@ -260,19 +260,25 @@ def benchmark_model(architecture, image_shape, data, epochs, floor_steps, polici
         print(f"  {path:14s}  {results[path]:7.2f}  {results['plain'] / results[path]:18.2f}x  "
               f"{rate:7.1f}  {rate / peak_of(path, peaks):6.1%} (of "
               f"{peak_of(path, peaks):.0f} GFLOP/s)")
-    plain_floor = training_steps_alone(*build_networks(architecture, image_shape, plain=True),
-                                       batch_size, False, data, floor_steps)
-    print(f"  floor: the train step alone, {floor_steps} in-memory batches in one compiled loop; "
-          f"with the plain path's layers {plain_floor:.2f} s/epoch")
+    print(f"  floor: the train step alone, {floor_steps} in-memory batches in one compiled loop, "
+          "with the fast path's layers and with Keras' (as --plain builds them, without XLA)")
+    floors = {}
     for policy in policies:
-        keras.config.set_dtype_policy(policy)
-        encoder, decoder = build_networks(architecture, image_shape)
-        keras.config.set_dtype_policy("float32")
-        floor = training_steps_alone(encoder, decoder, batch_size, xla, data, floor_steps)
-        fraction = gflop / floor / peak_of(policy, peaks)
-        print(f"  floor in {policy}: {floor:.2f} s/epoch ({plain_floor / floor:.2f}x the plain "
-              f"layers', {fraction:.1%} of the matmul peak); the fast path spends "
-              f"{results[policy] - floor:.2f} s/epoch more (data, Keras' loop, the test pass)")
+        for plain in (True, False):
+            keras.config.set_dtype_policy(policy)
+            encoder, decoder = build_networks(architecture, image_shape, plain)
+            keras.config.set_dtype_policy("float32")
+            floors[policy, plain] = training_steps_alone(encoder, decoder, batch_size,
+                                                         xla and not plain, data, floor_steps)
+        own, keras_own = floors[policy, False], floors[policy, True]
+        print(f"    {policy}: {own:.2f} s/epoch ({gflop / own / peak_of(policy, peaks):.1%} of the "
+              f"matmul peak); with Keras' layers {keras_own:.2f} s/epoch ({keras_own / own:.2f}x); "
+              f"the fast path spends {results[policy] - own:.2f} s/epoch more (data, Keras' loop, "
+              "the test pass)")
+    if "float32" in policies:
+        print("    step-only speed-up over the plain path's layers (Keras', float32): "
+              + ", ".join(f"{policy} {floors['float32', True] / floors[policy, False]:.2f}x"
+                          for policy in policies))
     watch_cost = progress_frame_seconds(*build_networks(architecture, image_shape), data,
                                         frames=100)
     print(f"  progress frame per epoch (decode, draw, save 100 frames): "
@@ -310,7 +316,7 @@ def main():
     image_shape = vae.to_float_images(vae.load_dataset(args.data)[2][:1]).shape[1:]
     peaks = {dtype: matmul_peak_gflops(getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
     print(f"matmul 2048x2048 here: {peaks['float32']:.0f} GFLOP/s in float32, "
-          f"{peaks['bfloat16']:.0f} in bfloat16")
+          f"{peaks['bfloat16']:.0f} in bfloat16 (the peak the fractions below refer to)")
     architectures = {"dense": (vae.DENSE, 937), "conv": (conv_vae.CONV, 40)}
     results = {model: benchmark_model(architectures[model][0], image_shape, args.data,
                                       args.epochs, architectures[model][1], policies, peaks,
@@ -324,6 +330,9 @@ def main():
                            *build_networks(architecture, image_shape), architecture.batch_size,
                            xla=architecture.xla, peak=peak_of(policy, peaks))
     keras.config.set_dtype_policy("float32")
+    print(f"\nmatmul 2048x2048 again: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in float32, "
+          f"{matmul_peak_gflops(tf.bfloat16):.0f} in bfloat16 (if far from the first, the machine's "
+          "load changed during the run)")
     print("\ntargets:")
     if "dense" in results:
         dense = results["dense"]
