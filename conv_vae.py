@@ -19,7 +19,7 @@ import vae
 # instead of Keras' op. tests/bench/bench_training.py times each layer both ways: on a CPU, TF's
 # bfloat16 convolutions are the slower (up to 6x in a training step); its float32 ones the faster,
 # but for the last, stride-1 one, whose form gains alone but not in a whole training step, and
-# loses at the likelihood estimate's large batches (results/README.md, Speed).
+# loses at the likelihood estimate's large batches (results/README.md, Speed, both CPUs).
 MATMUL_DTYPES = ("bfloat16",)
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row
 # 0 from input row m and row 2 from row m - 1 (p = 0), or row 1 from row m (p = 1).
