@@ -104,9 +104,10 @@ def loss_curves(history, title="VAE"):
     return fig
 
 
-def reconstructions(originals, reconstructions, title="VAE"):
+def reconstructions(originals, reconstructions, title="VAE", items="digits"):
     """The first 100 test digits, each beside its reconstruction, in a grid of up to 10 x 10
-    pairs, so errors can be judged digit by digit."""
+    pairs, so errors can be judged digit by digit. items names them in the title ("images" for
+    a dataset of other things)."""
     originals = _as_images(originals, 3)[:100]
     reconstructed = _as_images(reconstructions, 3)[:100]
     if originals.shape != reconstructed.shape:
@@ -121,7 +122,7 @@ def reconstructions(originals, reconstructions, title="VAE"):
     fig = _new_figure(6.4, 0.6 + 6.4 * height / width)
     ax = fig.add_subplot()
     _show_digits(ax, mosaic)
-    ax.set_title(f"{title}: reconstructions of test digits")
+    ax.set_title(f"{title}: reconstructions of test {items}")
     ax.set_xlabel("each pair: left original, right reconstruction")
     return fig
 

@@ -336,8 +336,8 @@ def test_one_real_set_against_two_others_computes_its_part_once(monkeypatch):
     separate = [(fid.kernel_distance(real, fake, subsets=4, subset_size=100),
                  fid.precision_recall_density_coverage(real, fake, k=3)) for fake in (recon, samples)]
     kernels, radii = [], []
-    monkeypatch.setattr(fid, "polynomial_kernel", lambda x, y, kernel=fid.polynomial_kernel:
-                        kernels.append(x is y) or kernel(x, y))
+    monkeypatch.setattr(fid, "polynomial_kernel_sum", lambda x, y, kernel_sum=fid.polynomial_kernel_sum:
+                        kernels.append(x is y) or kernel_sum(x, y))
     monkeypatch.setattr(fid, "kth_neighbour_radii", lambda *args, radii_of=fid.kth_neighbour_radii:
                         radii.append(args[0]) or radii_of(*args))
     reuse = {}

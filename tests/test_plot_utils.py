@@ -147,7 +147,8 @@ def test_reconstructions_pairs_up_to_100(tmp_path, n_images):
     fig = plot_utils.reconstructions(originals, originals[..., None], title="Conv")
     render(fig, tmp_path)
     (ax,) = fig.axes
-    assert ax.get_title().startswith("Conv")
+    assert ax.get_title() == "Conv: reconstructions of test digits"
+    assert plot_utils.reconstructions(originals, originals, items="images").axes[0].get_title().endswith("test images")
     assert "left original" in ax.get_xlabel()
     assert "right reconstruction" in ax.get_xlabel()
     assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
