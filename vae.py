@@ -78,8 +78,7 @@ class Architecture:
     iw_samples: int  # the default K of the likelihood estimate
     xla: bool  # XLA compilation (XLA_MIN_BATCHES): faster for dense layers, many times slower
     # for CPU convolutions
-    batches_per_step: int  # batches per XLA-compiled training step (see VAE.train_step); the
-    # loop over a group only repays its tracing when XLA compiles it
+    batches_per_step: int  # batches per compiled training step (see VAE.train_step)
 
     @property
     def results_dir(self):
@@ -481,7 +480,7 @@ def compile_model(model, args, xla):
                   jit_compile=xla and not args.plain)
 
 
-def train(model, args, architecture, title, results_dir, x_train, x_test, state, xla):
+def train(model, args, architecture, title, results_dir, x_train, x_test, state):
     """model.fit from the checkpointed epoch; returns the TrainingState callback (history,
     timings). The progress frames show the first test images and a few prior samples, the same
     every epoch."""
@@ -503,8 +502,7 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
                         shuffle=True)
     else:
         train_data, test_data, groups_per_epoch = make_datasets(
-            x_train, x_test, args.batch_size, architecture.batches_per_step if xla else 1,
-            args.seed,
+            x_train, x_test, args.batch_size, architecture.batches_per_step, args.seed,
             first_epoch=tracker.epochs_done)
         fit_data = dict(x=train_data, steps_per_epoch=groups_per_epoch, validation_data=test_data,
                         shuffle=False)  # the dataset shuffles
@@ -799,7 +797,7 @@ def run(args, architecture, run_defining):
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args, xla)
         tracker = train(model, args, architecture, figure_title, results_dir, x_train, x_test,
-                        state, xla)
+                        state)
         history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
         save_progress_animation(results_dir)
@@ -1242,7 +1240,7 @@ def load_saved_model(path):
 
 def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epoch=0):
     """A fresh seeded permutation each epoch, gathered into groups of batches_per_step batches
-    (see VAE.train_step; plain batches, without the group axis, when it is 1), prefetched while the previous group trains, across epoch ends too (one
+    (see VAE.train_step), prefetched while the previous group trains, across epoch ends too (one
     endless stream; fit takes groups_per_epoch from it each epoch). The groups hold exactly one
     epoch's batches, the smaller last one included, so the updates are the same as one batch per
     step. A resumed run starts at its first_epoch's permutation, as an unbroken run would.
@@ -1259,12 +1257,10 @@ def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epo
 
     def groups(order):
         full_batches = tf.reshape(order[:num_full * batch_size], (num_full, batch_size))
-        index_groups = tf.data.Dataset.from_tensor_slices(full_batches)
-        last = order[num_full * batch_size:]
-        if batches_per_step > 1:
-            index_groups, last = index_groups.batch(batches_per_step), last[None]
+        index_groups = tf.data.Dataset.from_tensor_slices(full_batches).batch(batches_per_step)
         if remainder:
-            index_groups = index_groups.concatenate(tf.data.Dataset.from_tensors(last))
+            index_groups = index_groups.concatenate(
+                tf.data.Dataset.from_tensors(order[None, num_full * batch_size:]))
         return index_groups.map(lambda indices: tf.gather(images, indices))
 
     permutations = tf.data.Dataset.random(seed=seed).skip(first_epoch).map(permutation)

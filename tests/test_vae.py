@@ -189,11 +189,6 @@ def test_fast_path_data_holds_each_image_once_per_epoch_in_a_fresh_seeded_order(
     assert not np.array_equal(orders[0], orders[1])
     again = [group.numpy() for group in vae.make_datasets(x, x[:10], args.batch_size, args.batches_per_step, args.seed)[0].take(4)]
     np.testing.assert_array_equal(np.concatenate([g[..., 0, 0, 0].ravel() for g in again]), orders[0])
-    batches, _, batches_per_epoch = vae.make_datasets(x, x[:10], args.batch_size, 1, args.seed)
-    assert batches_per_epoch == 9  # without groups (no XLA): plain batches, the same order
-    batches = [batch.numpy() for batch in batches.take(9)]
-    assert [batch.shape for batch in batches] == [(8, 28, 28, 1)] * 8 + [(6, 28, 28, 1)]
-    np.testing.assert_array_equal(np.concatenate([b[:, 0, 0, 0] for b in batches]), orders[0])
 
 
 def test_groups_of_batches_train_exactly_like_one_batch_per_step(tiny_mnist):
