@@ -786,7 +786,7 @@ def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     compared = []
     monkeypatch.setattr(fid, "frechet_distance", lambda a, b: compared.append((a, b)) or 10.0 * len(compared))
-    quick = ["--epochs", "1", "--fid-samples", "20", "--iw-samples", "0", "--test-size", "20"]
+    quick = ["--epochs", "1", "--fid-samples", "10", "--iw-samples", "0", "--test-size", "10"]
     args = ["--data", tiny_mnist, "--results-dir", tmp_path / "run", *quick, "--fid", "inception",
             "--inception-weights", weights]
     result = run_main("vae.py", *args)
@@ -795,13 +795,13 @@ def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist, monkeypatch):
     assert (metrics["fid_inception_recon"], metrics["fid_inception_samples"]) == (10.0, 20.0)
     for metric in ("kid", "precision", "recall", "density", "coverage"):
         assert math.isfinite(metrics[f"{metric}_inception_samples"]), metric
-    assert "fid: computing Inception features of 20 images" in result.stderr
+    assert "fid: computing Inception features of 10 images" in result.stderr
     [cached] = (tmp_path / "cache" / "mnist-vae-fid").glob("inception-features-*.npz")
     with np.load(cached) as entry:  # what --evaluate-only reads instead of recomputing
-        assert entry["features"].shape == (20, 2048)
+        assert entry["features"].shape == (10, 2048)
         test_features = entry["features"].astype(np.float64)
     for reference, generated in compared:  # the test set against reconstructions, then samples
-        assert reference.features == generated.features == "inception" and generated.n == 20
+        assert reference.features == generated.features == "inception" and generated.n == 10
         np.testing.assert_allclose(reference.mu, test_features.mean(axis=0), rtol=1e-6, atol=1e-9)
         assert not np.allclose(generated.mu, reference.mu)
 
