@@ -527,8 +527,8 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
     as torch-fidelity's, so one subset gives 0). Unbiased means it can be slightly negative.
 
     reuse: a dict kept between calls with the same features_a (a test set against its
-    reconstructions, then its samples): a's within-subset sums are computed once per subset,
-    and a's subsets repeat when the other sets have one size.
+    reconstructions, then its samples; see test_set_parts): a's within-subset sums are
+    computed once per subset, and a's subsets repeat when the other sets have one size.
     """
     a, b = check_feature_sets(features_a, features_b)
     if subset_size > min(len(a), len(b)):
@@ -544,7 +544,7 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
     for index in range(subsets):
         x_rows = rng.choice(len(a), m, replace=False)
         x, y = a[x_rows], b[rng.choice(len(b), m, replace=False)]
-        key = ("kid", x_rows.tobytes())
+        key = "kid-" + hashlib.sha256(x_rows.tobytes()).hexdigest()[:32]
         if key not in reuse:
             reuse[key] = polynomial_kernel_sum(x, x)
         estimates[index] = ((reuse[key] + polynomial_kernel_sum(y, y)) / (m * (m - 1))
@@ -555,10 +555,14 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
 def partial_distance_blocks(a, b, b_norms, block_size):
     """(start, ||b||^2 - 2 a.b for a[start:start + block_size] against every row of b): the
     squared Euclidean distances less each row's own ||a||^2, which the caller adds where it
-    needs it. Memory block x len(b), never len(a) x len(b)."""
+    needs it. Memory block x len(b), never len(a) x len(b): every block is written into one
+    buffer (a fresh 80 MB array per block would cost page faults), so each is used up before the
+    next."""
     minus_2a = -2 * a  # exact, so the products are -2 a.b bit for bit
+    buffer = np.empty((min(block_size, len(a)), len(b)))
     for start in range(0, len(a), block_size):
-        block = minus_2a[start:start + block_size] @ b.T
+        rows = minus_2a[start:start + block_size]
+        block = np.matmul(rows, b.T, out=buffer[:len(rows)])
         block += b_norms
         yield start, block
 
@@ -598,7 +602,7 @@ def precision_recall_density_coverage(real_features, fake_features, k=5, block_s
     10,000 samples 80 MB). A sample's radius and its comparisons with the other set come from
     the same row blocks, so a set against a copy of itself rounds the same both ways.
     reuse: a dict kept between calls with the same real_features, which then computes the real
-    set's radii once.
+    set's radii once (see test_set_parts).
     """
     real, fake = check_feature_sets(real_features, fake_features)
     if not 1 <= k < min(len(real), len(fake)):
@@ -606,9 +610,10 @@ def precision_recall_density_coverage(real_features, fake_features, k=5, block_s
                          f"got {len(real)} real and {len(fake)} fake")
     real_norms, fake_norms = (np.einsum("ij,ij->i", x, x) for x in (real, fake))
     reuse = {} if reuse is None else reuse
-    if ("radii", k, block_size) not in reuse:
-        reuse["radii", k, block_size] = kth_neighbour_radii(real, real_norms, k, block_size)
-    real_radii = reuse["radii", k, block_size]
+    key = f"radii-k{k}-block{block_size}"
+    if key not in reuse:
+        reuse[key] = kth_neighbour_radii(real, real_norms, k, block_size)
+    real_radii = reuse[key]
     fake_radii = kth_neighbour_radii(fake, fake_norms, k, block_size)
     balls_holding_fake = np.zeros(len(fake), dtype=np.int64)
     recalled, covered = np.empty(len(real), bool), np.empty(len(real), bool)
@@ -616,13 +621,39 @@ def precision_recall_density_coverage(real_features, fake_features, k=5, block_s
         stop = start + len(block)
         block += real_norms[start:stop, None]  # unclipped: a negative one is inside every ball
         in_real_balls = block <= real_radii[start:stop, None]  # (real, fake)
-        balls_holding_fake += in_real_balls.sum(axis=0)
+        balls_holding_fake += np.count_nonzero(in_real_balls, axis=0)
         covered[start:stop] = in_real_balls.any(axis=1)
         recalled[start:stop] = (block <= fake_radii).any(axis=1)
     return {"precision": float(np.mean(balls_holding_fake > 0)),
             "recall": float(recalled.mean()),
             "density": float(balls_holding_fake.sum() / (k * len(fake))),
             "coverage": float(covered.mean())}
+
+
+@contextlib.contextmanager
+def test_set_parts(real_features, cache_dir):
+    """The reuse dict of kernel_distance and precision_recall_density_coverage for one real
+    feature set, read from cache_dir and written back when the calls added to it: the test set's
+    KID subset sums and k-NN radii (a third of the work of comparing it with reconstructions and
+    samples) are computed on the first run and read on later ones. A missing or unreadable entry
+    starts empty."""
+    real = np.ascontiguousarray(real_features)
+    digest = hashlib.sha256(f"{real.dtype.str}|{real.shape}|".encode() + real.tobytes())
+    path = Path(cache_dir) / f"kid-knn-parts-{digest.hexdigest()}.npz"
+    try:
+        reuse = {key: float(value) if value.ndim == 0 else value
+                 for key, value in read_npz(path).items()} if path.exists() else {}
+    except ValueError:
+        reuse = {}
+    known = set(reuse)
+    yield reuse
+    if set(reuse) != known:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def save(temporary):
+            with open(temporary, "wb") as file:
+                np.savez(file, **reuse)
+        atomic_write(path, save)
 
 
 # ---- Digit classifier ----

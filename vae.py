@@ -10,6 +10,7 @@ atomic writes); the experiment reads without it. conv_vae.py describes its own n
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -661,18 +662,21 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
         options = dict(network=network, batch_size=args.fid_batch_size,
                        verbose=kind == "inception",
                        skip_hint=f"; leave {kind} out of --fid to skip it")
-        real = fid.compute_features(test_images, kind, **options,
-                                    cache_dir=None if kind == "pixel" else fid.default_cache_dir())
+        cache_dir = None if kind == "pixel" else fid.default_cache_dir()
+        real = fid.compute_features(test_images, kind, **options, cache_dir=cache_dir)
         real_statistics = fid.statistics_from_features(real, kind)
-        reuse = {}  # what KID and the k-NN metrics compute of the test set once
-        for name, images in (("recon", reconstructions), ("samples", samples)):
-            if kind == "inception":
-                print(f"Inception features of the {name}:")
-            fake = fid.compute_features(images, kind, **options)
-            results[f"fid_{kind}_{name}"] = fid.frechet_distance(
-                real_statistics, fid.statistics_from_features(fake, kind))
-            if kind != "pixel":
-                results.update(kernel_and_manifold_metrics(real, fake, f"{kind}_{name}", reuse))
+        # what KID and the k-NN metrics compute of the test set: once, and kept in the cache
+        parts = fid.test_set_parts(real, cache_dir) if cache_dir else contextlib.nullcontext({})
+        with parts as reuse:
+            for name, images in (("recon", reconstructions), ("samples", samples)):
+                if kind == "inception":
+                    print(f"Inception features of the {name}:")
+                fake = fid.compute_features(images, kind, **options)
+                results[f"fid_{kind}_{name}"] = fid.frechet_distance(
+                    real_statistics, fid.statistics_from_features(fake, kind))
+                if kind != "pixel":
+                    results.update(kernel_and_manifold_metrics(real, fake, f"{kind}_{name}",
+                                                               reuse))
         seconds[kind] = time.perf_counter() - start
     return {**results, "fid_seconds": {step: round(value, 2) for step, value in seconds.items()}}
 

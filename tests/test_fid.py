@@ -348,6 +348,33 @@ def test_one_real_set_against_two_others_computes_its_part_once(monkeypatch):
     assert len(radii) == 1 + 2  # the real radii once, each fake's
 
 
+def test_the_test_sets_parts_are_cached_for_the_next_run(monkeypatch, tmp_path):
+    """A later run on the same test set reads its KID subset sums and k-NN radii from the cache
+    and gets the same values; an unreadable entry is computed again."""
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(0, 1, size=(300, 8)), rng.normal(0.3, 1, size=(300, 8))
+
+    def run():
+        with fid.test_set_parts(real, tmp_path) as reuse:
+            return (fid.kernel_distance(real, fake, subsets=4, subset_size=100, reuse=reuse),
+                    fid.precision_recall_density_coverage(real, fake, k=3, reuse=reuse))
+
+    first = run()
+    [entry] = tmp_path.glob("kid-knn-parts-*.npz")
+    kernels, radii = [], []
+    monkeypatch.setattr(fid, "polynomial_kernel_sum", lambda x, y, kernel_sum=fid.polynomial_kernel_sum:
+                        kernels.append(x is y) or kernel_sum(x, y))
+    monkeypatch.setattr(fid, "kth_neighbour_radii", lambda *args, radii_of=fid.kth_neighbour_radii:
+                        radii.append(args[0]) or radii_of(*args))
+    written = entry.stat().st_mtime_ns
+    assert run() == first
+    assert kernels.count(True) == 4 and [r is fake for r in radii] == [True]  # only the fake set's
+    assert entry.stat().st_mtime_ns == written  # nothing new: not written again
+    entry.write_bytes(b"truncated")
+    kernels.clear()
+    assert run() == first and kernels.count(True) == 8
+
+
 def test_kernel_distance_rejects_a_subset_larger_than_a_set():
     message = "subset_size 1000 is larger than a set: 600 and 2000 features"
     with pytest.raises(ValueError, match=message):
