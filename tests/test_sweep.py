@@ -290,8 +290,10 @@ def test_pruning_stops_a_run_worse_than_the_median_and_keeps_its_checkpoint(tmp_
 
 
 def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_train):
+    # --no-prune: the sixth run is past the median pruner's start-up of five, and a sampled loss
+    # above the median would stop it (test_pruning_stops_a_run_worse_than_the_median tests that)
     code, out, err = run_sweep(*sweep_args(tmp_path, "tpe", "loss=0.5:4:log", "sleep=0.01,0.02",
-                                           options=["--seeds=0,1", "--trials=3"],
+                                           options=["--seeds=0,1", "--trials=3", "--no-prune"],
                                            script_args=["--epochs", "1"]))
     assert code == 0, err
     study = load("tpe", tmp_path)
