@@ -198,16 +198,17 @@ def test_weights_file_reproduces_model_and_statistics(random_inception, random_w
                                atol=1e-6 * np.abs(statistics.sigma).max())
 
 
-def test_bfloat16_inception_features_are_close_and_cached_apart(random_weights_file, six_images,
-                                                                six_image_statistics):
+def test_bfloat16_inception_features_are_close_and_cached_apart(random_inception, random_weights_file,
+                                                                six_images, six_image_statistics):
     model = fid.load_inception(random_weights_file, dtype_policy="mixed_bfloat16")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     assert model.layers[1].compute_dtype == "bfloat16" and model.weights[0].dtype == "float32"
     statistics = fid.inception_statistics(six_images, model, batch_size=6, verbose=False)
     mu, exact = statistics.mu, six_image_statistics.mu
     assert 0 < np.linalg.norm(mu - exact) / np.linalg.norm(exact) < 0.05  # 8-bit mantissas: close, not equal
+    assert model.weights_sha256 == random_inception.weights_sha256  # the same weights, file to model
     assert fid.statistics_fingerprint(six_images, "inception", model) != fid.statistics_fingerprint(
-        six_images, "inception", fid.load_inception(random_weights_file))
+        six_images, "inception", random_inception)
 
 
 def test_different_random_models_have_different_weight_hashes(random_inception):
