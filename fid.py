@@ -105,6 +105,14 @@ def atomic_write(path, write):
         raise
 
 
+def save_npz(path, **arrays):
+    """np.savez through atomic_write: a cache entry is whole or absent."""
+    def write(temporary):
+        with open(temporary, "wb") as file:  # a file object: savez would append .npz to a name
+            np.savez(file, **arrays)
+    atomic_write(path, write)
+
+
 def format_duration(seconds: float) -> str:
     """Seconds up to 90 s, minutes above: for the estimates printed before long passes."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
@@ -348,11 +356,8 @@ def statistics_fingerprint(images: np.ndarray, features: str, network=None) -> s
 
 def save_statistics(path, statistics: Statistics, **extra_arrays):
     """Write statistics atomically, so an interrupted run never leaves a truncated file."""
-    def write(temporary):
-        with open(temporary, "wb") as file:
-            np.savez(file, mu=statistics.mu, sigma=statistics.sigma, n=statistics.n,
-                     features=statistics.features, **extra_arrays)
-    atomic_write(path, write)
+    save_npz(path, mu=statistics.mu, sigma=statistics.sigma, n=statistics.n,
+             features=statistics.features, **extra_arrays)
 
 
 def read_npz(path) -> dict:
@@ -476,10 +481,7 @@ def compute_features(images, features, network=None, batch_size=50, cache_dir=No
         return matrix
 
     def write(cache_path, matrix):
-        def save(temporary):
-            with open(temporary, "wb") as file:
-                np.savez(file, features=matrix, kind=features, fingerprint=fingerprint)
-        atomic_write(cache_path, save)
+        save_npz(cache_path, features=matrix, kind=features, fingerprint=fingerprint)
 
     return through_cache(Path(cache_dir) / f"{features}-features-{fingerprint}.npz", fingerprint,
                          compute, "features", read, write, verbose)
@@ -631,29 +633,26 @@ def precision_recall_density_coverage(real_features, fake_features, k=5, block_s
 
 
 @contextlib.contextmanager
-def test_set_parts(real_features, cache_dir):
+def test_set_parts(real_features, cache_dir=None):
     """The reuse dict of kernel_distance and precision_recall_density_coverage for one real
     feature set, read from cache_dir and written back when the calls added to it: the test set's
-    KID subset sums and k-NN radii (a third of the work of comparing it with reconstructions and
-    samples) are computed on the first run and read on later ones. A missing or unreadable entry
-    starts empty."""
+    KID subset sums and k-NN radii are computed on the first run and read on later ones. A
+    missing or unreadable entry starts empty; without a cache_dir the dict lives for the block."""
+    if cache_dir is None:
+        yield {}
+        return
     real = np.ascontiguousarray(real_features)
     digest = hashlib.sha256(f"{real.dtype.str}|{real.shape}|".encode() + real.tobytes())
     path = Path(cache_dir) / f"kid-knn-parts-{digest.hexdigest()}.npz"
     try:
-        reuse = {key: float(value) if value.ndim == 0 else value
-                 for key, value in read_npz(path).items()} if path.exists() else {}
+        reuse = read_npz(path) if path.exists() else {}
     except ValueError:
         reuse = {}
     known = set(reuse)
     yield reuse
     if set(reuse) != known:
         path.parent.mkdir(parents=True, exist_ok=True)
-
-        def save(temporary):
-            with open(temporary, "wb") as file:
-                np.savez(file, **reuse)
-        atomic_write(path, save)
+        save_npz(path, **reuse)
 
 
 # ---- Digit classifier ----

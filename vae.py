@@ -10,7 +10,6 @@ atomic writes); the experiment reads without it. conv_vae.py describes its own n
 """
 
 import argparse
-import contextlib
 import copy
 import csv
 import dataclasses
@@ -666,8 +665,7 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
         real = fid.compute_features(test_images, kind, **options, cache_dir=cache_dir)
         real_statistics = fid.statistics_from_features(real, kind)
         # what KID and the k-NN metrics compute of the test set: once, and kept in the cache
-        parts = fid.test_set_parts(real, cache_dir) if cache_dir else contextlib.nullcontext({})
-        with parts as reuse:
+        with fid.test_set_parts(real, cache_dir) as reuse:
             for name, images in (("recon", reconstructions), ("samples", samples)):
                 if kind == "inception":
                     print(f"Inception features of the {name}:")
