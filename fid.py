@@ -751,6 +751,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     model.compile(keras.optimizers.Adam(schedule),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)  # else the first step is traced twice
     if verbose:
         print(f"fid: training the digit classifier on {len(train_images)} images "
               f"({recipe['epochs']} epochs, from seed {recipe['seed']})", file=sys.stderr)

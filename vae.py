@@ -478,6 +478,9 @@ def compile_model(model, args, xla):
             learning_rate, args.epochs * model.updates_per_epoch)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   jit_compile=xla and not args.plain)
+    # Adam's variables now: created inside the first traced step, they would make TensorFlow
+    # trace (and with XLA compile) that step twice.
+    model.optimizer.build(model.trainable_variables)
 
 
 def train(model, args, architecture, title, results_dir, x_train, x_test, state):
@@ -1093,7 +1096,8 @@ class TrainingState(keras.callbacks.Callback):
     and its model), so a damaged latest file costs one epoch, not the run.
 
     Training you can watch: history.csv follows every epoch; loss_curves.png is redrawn whenever
-    drawing it costs under LOSS_CURVES_SHARE of the time trained since it was last drawn; a
+    drawing it costs under LOSS_CURVES_SHARE of the time trained since it was last drawn (but
+    not after the last epoch: the run draws the finished curves right after training); a
     progress frame (watch_images reconstructed, watch_z decoded) joins progress_frames.npy before
     each checkpoint (a kill may leave one frame too many, which a resume drops); with a
     tensorboard_dir the frame also goes to TensorBoard.
@@ -1153,8 +1157,9 @@ class TrainingState(keras.callbacks.Callback):
             if old.name not in kept:
                 old.unlink()
         write_history_csv(self.results_dir / "history.csv", self.history, self.seconds_per_epoch)
-        if self.loss_curves_seconds <= LOSS_CURVES_SHARE * (time.perf_counter()
-                                                            - self.loss_curves_drawn):
+        last_epoch = epoch + 1 == self.params["epochs"]
+        if not last_epoch and self.loss_curves_seconds <= LOSS_CURVES_SHARE * (
+                time.perf_counter() - self.loss_curves_drawn):
             start = time.perf_counter()
             save_figure(plot_utils.loss_curves(self.history, title=self.title),
                         self.results_dir / "loss_curves.png")

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = Path(os.environ.get("MNIST_NPZ") or Path.home() / ".keras" / "datasets" / "mnist.npz")
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root
 
-# Tests never touch the user's FID cache.
-CACHE = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"mnist-vae-test-cache-{os.getpid()}"
+# Tests never touch the user's FID cache. The pytest-xdist workers of one session share theirs,
+# so a tiny data set's classifier is trained once per session, not once per worker.
+SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+CACHE = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"mnist-vae-test-cache-{SESSION}"
 os.environ["XDG_CACHE_HOME"] = str(CACHE)
 # Dozens of tiny runs build the same networks: XLA's persistent cache compiles each program once
 # per test process instead of once per run (the runs' subprocesses share it). Set before
@@ -134,3 +136,29 @@ def shared_run(tmp_path_factory, script, *args):
         result = subprocess.CompletedProcess(args, 0, (shared / "stdout.txt").read_text(),
                                              (shared / "result.txt").read_text())
     return results_dir, result
+
+
+@pytest.fixture(scope="session")
+def random_weights_file(tmp_path_factory):
+    """A weights file of InceptionV3 with random weights, the offline stand-in for ImageNet's:
+    built once per session (a build takes seconds), read by every worker."""
+    import fid
+
+    with shared_between_workers(tmp_path_factory, "random-inception") as folder:
+        path = folder / "random_inception.weights.h5"
+        if not path.is_file():
+            model = fid.load_inception(None)
+            model.save_weights(path)
+            _random_inception[path] = model  # this worker's random_inception, without a rebuild
+    return path
+
+
+_random_inception = {}
+
+
+@pytest.fixture(scope="session")
+def random_inception(random_weights_file):
+    """The model of random_weights_file."""
+    import fid
+
+    return _random_inception.get(random_weights_file) or fid.load_inception(random_weights_file)

@@ -138,18 +138,6 @@ def test_pixel_statistics_reject_bad_images(images, message):
 
 
 @pytest.fixture(scope="module")
-def random_inception():
-    return fid.load_inception(None)
-
-
-@pytest.fixture(scope="module")
-def random_weights_file(random_inception, tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "random_inception.weights.h5"
-    random_inception.save_weights(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def six_images():
     return random_images(3, count=6, side=28)
 

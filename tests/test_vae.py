@@ -776,19 +776,17 @@ def test_real_mnist_run(real_mnist, tmp_path):
     assert metrics["test_elbo"] < metrics["test_log_likelihood_iw"] + 1.0
 
 
-def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist, monkeypatch):
+def test_inception_fids_with_a_weights_file(tmp_path, tiny_mnist, random_weights_file, monkeypatch):
     """The Inception path end to end, offline: random weights saved to a file stand in for
     ImageNet's; the test set's features are cached for the next evaluation. The distance itself
     (sqrtm of a 2048 x 2048 product: a minute here) is tested in test_fid.py; here each call gets
     the test set's and the generated images' statistics, and its value lands in metrics.json."""
-    weights = tmp_path / "random_inception.weights.h5"
-    fid.load_inception(None).save_weights(weights)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     compared = []
     monkeypatch.setattr(fid, "frechet_distance", lambda a, b: compared.append((a, b)) or 10.0 * len(compared))
     quick = ["--epochs", "1", "--fid-samples", "10", "--iw-samples", "0", "--test-size", "10"]
     args = ["--data", tiny_mnist, "--results-dir", tmp_path / "run", *quick, "--fid", "inception",
-            "--inception-weights", weights]
+            "--inception-weights", random_weights_file]
     result = run_main("vae.py", *args)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
