@@ -103,6 +103,12 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
 
 
+def pytest_collection_modifyitems(items):
+    """The tests on the full MNIST first: they are the longest (the digit classifier trains for
+    minutes), and a worker that started them last would leave the other idle at the end."""
+    items.sort(key=lambda item: "real_mnist" not in item.fixturenames)
+
+
 @contextlib.contextmanager
 def shared_between_workers(tmp_path_factory, name):
     """A folder every pytest-xdist worker of this session sees, held under a lock: what one worker

@@ -234,7 +234,7 @@ def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
 
 
 def test_cosine_schedule_survives_a_kill_and_resume_and_cannot_be_extended(tmp_path, tiny_mnist):
-    common = ["--data", str(tiny_mnist), "--results-dir", str(tmp_path), "--epochs", "40", "--batch-size", "16",
+    common = ["--data", str(tiny_mnist), "--results-dir", str(tmp_path), "--epochs", "10", "--batch-size", "16",
               "--fid", "none", "--iw-samples", "0", "--lr-schedule", "cosine"]
     process = subprocess.Popen([sys.executable, str(ROOT / "vae.py"), *common], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -249,11 +249,11 @@ def test_cosine_schedule_survives_a_kill_and_resume_and_cannot_be_extended(tmp_p
     result = run_main("vae.py", *common, "--resume")
     assert result.returncode == 0, result.stderr
     final = vae.load_saved_model(tmp_path / "model.keras")
-    assert int(final.optimizer.iterations) == 40 * final.updates_per_epoch
+    assert int(final.optimizer.iterations) == 10 * final.updates_per_epoch
     assert float(final.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)  # the schedule ran to its end
     refused = run_main("vae.py", *common[:4], "--epochs", "50", "--resume")
     assert refused.returncode == 2
-    assert "schedule ends at epoch 40; resume with --epochs 40" in error_lines(refused.stderr)[0]
+    assert "schedule ends at epoch 10; resume with --epochs 10" in error_lines(refused.stderr)[0]
 
 
 # ----------------------------------------------------------------------------------------------
