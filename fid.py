@@ -8,7 +8,8 @@
 - "classifier": the 128-d penultimate layer of a small convolutional classifier trained on the
   data itself, as TTUR's authors advise for data unlike ImageNet (and as TF-GAN's
   mnist_frechet_distance and Bińkowski et al.'s LeNet features do). Trained once per training
-  set from a fixed seed and cached; comparable only between runs that use the same classifier.
+  set from a fixed seed and cached; MNIST's is committed (results/classifiers), so that its FIDs
+  compare across machines. Comparable only between runs that use the same classifier.
 
 On the same features: the kernel distance (KID, Bińkowski et al. 2018), unbiased and with no
 Gaussian assumption, and precision, recall, density and coverage (Kynkäänniemi et al. 2019,
@@ -661,6 +662,10 @@ def test_set_parts(real_features, cache_dir=None):
 # These 3 epochs reach 99.2% test accuracy on MNIST (README, "Three FIDs").
 CLASSIFIER_RECIPE = {"epochs": 3, "batch_size": 128, "learning_rate": 3e-3, "seed": 0}
 CLASSIFIER_ESTIMATE_STEP = 20  # training step after which the training time is estimated
+# Classifiers trained by the recipe and committed with the repository (MNIST's): a run on their
+# training set loads one instead of training its own, so every machine measures with the same
+# network (one trained on another CPU differs in its last bits, and so do its FIDs).
+COMMITTED_CLASSIFIERS = Path(__file__).resolve().parent / "results" / "classifiers"
 MIN_CLASSIFIER_IMAGE_SIDE = 10  # two 3x3 convolutions and two 2x2 poolings leave 1 pixel
 
 
@@ -796,32 +801,34 @@ def load_classifier(path):
 
 def load_or_train_classifier(train_images, train_labels, test_images, test_labels, cache_dir=None,
                              verbose=True, skip_hint=""):
-    """The classifier of this training set from cache_dir (default_cache_dir()), trained and
-    cached first if there is none. Its file is classifier-<key>.keras; classifier-<key>.json
-    beside it (written last: the commit point) records the key and test accuracy."""
+    """The classifier of this training set: the committed one (COMMITTED_CLASSIFIERS) where there
+    is one, else from cache_dir (default_cache_dir()), trained and cached first if there is none.
+    Its file is classifier-<key>.keras; classifier-<key>.json beside it (written last: the commit
+    point) records the key and test accuracy."""
     cache_dir = Path(cache_dir or default_cache_dir())
     key = classifier_key(np.asarray(train_images), np.asarray(train_labels))
     path = cache_dir / f"classifier-{key}.keras"
-    info = path.with_suffix(".json")
-    if path.is_file() and info.is_file():
-        try:
-            model = load_classifier(path)
-            if verbose:
-                print(f"fid: using cached classifier {path} "
-                      f"(test accuracy {model.test_accuracy:.2%})", file=sys.stderr)
-            return model
-        except (ValueError, OSError) as error:  # a damaged entry is retrained and replaced
-            if verbose:
-                print(f"fid: ignoring cache entry: {error}", file=sys.stderr)
+    for known, what in ((COMMITTED_CLASSIFIERS / path.name, "committed"), (path, "cached")):
+        if known.is_file() and known.with_suffix(".json").is_file():
+            try:
+                model = load_classifier(known)
+                if verbose:
+                    print(f"fid: using {what} classifier {known} "
+                          f"(test accuracy {model.test_accuracy:.2%})", file=sys.stderr)
+                return model
+            except (ValueError, OSError) as error:  # a damaged entry is retrained and replaced
+                if verbose:
+                    print(f"fid: ignoring {what} classifier: {error}", file=sys.stderr)
     start = time.perf_counter()
     model = train_classifier(train_images, train_labels, test_images, test_labels, verbose,
                              skip_hint)
     seconds = time.perf_counter() - start
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, model.save)
-    atomic_write(info, lambda temporary: Path(temporary).write_text(json.dumps(
-        {"key": key, "test_accuracy": model.test_accuracy, "training_images": len(train_images),
-         "training_seconds": round(seconds, 1), "recipe": CLASSIFIER_RECIPE}, indent=2) + "\n"))
+    atomic_write(path.with_suffix(".json"), lambda temporary: Path(temporary).write_text(
+        json.dumps({"key": key, "test_accuracy": model.test_accuracy,
+                    "training_images": len(train_images), "training_seconds": round(seconds, 1),
+                    "recipe": CLASSIFIER_RECIPE}, indent=2) + "\n"))
     if verbose:
         print(f"fid: classifier test accuracy {model.test_accuracy:.2%}, "
               f"trained in {seconds:.0f} s, cached in {path}", file=sys.stderr)

@@ -138,7 +138,8 @@ def build_parser(architecture):
     evaluation.add_argument("--fid", type=fid_kinds, default="pixel,classifier",
                             help="FIDs to report: none, all, or a comma-separated subset of pixel "
                                  "(the original's metric), classifier (features of a digit "
-                                 "classifier trained on --data, once, cached) and inception (the "
+                                 "classifier trained on --data: MNIST's is committed, others "
+                                 "are trained once and cached) and inception (the "
                                  "standard FID; about 10 min per 10,000 images on a CPU)")
     evaluation.add_argument("--fid-samples", type=fid.positive_int, default=10000,
                             help="prior samples compared with the test images")
@@ -643,8 +644,9 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
     density / coverage (fid.py), which tell apart what FID folds into one number: samples unlike
     the data (precision, density) and parts of the data no sample reaches (recall, coverage).
 
-    The classifier is trained on the whole training split of the data (dataset: the four
-    arrays), whatever --train-size, so every run on the same data shares one classifier.
+    The classifier is that of the whole training split of the data (dataset: the four arrays),
+    whatever --train-size, so every run on the same data shares one classifier (MNIST's is
+    committed; fid.load_or_train_classifier).
     """
     results, networks, seconds = {}, {"pixel": None} if "pixel" in args.fid else {}, {}
     start = time.perf_counter()

@@ -18,7 +18,7 @@ import scipy.ndimage
 import scipy.spatial.distance
 
 from conftest import ROOT as REPO_ROOT
-from conftest import shared_between_workers, tiny_digits
+from conftest import tiny_digits
 
 import fid
 
@@ -432,13 +432,28 @@ def test_prdc_rejects_k_without_enough_samples():
 
 @pytest.fixture(scope="module")
 def mnist_classifier(real_mnist, tmp_path_factory):
-    """The classifier of the full MNIST training set, trained as a run trains it (about a minute)."""
+    """The classifier of the full MNIST training set, as every run on MNIST gets it: the committed
+    one (results/classifiers), found by the key of the data and the recipe."""
     with np.load(real_mnist) as mnist:
         data = {key: mnist[key] for key in mnist.files}
-    with shared_between_workers(tmp_path_factory, "mnist-classifier") as cache_dir:  # trained once
-        classifier = fid.load_or_train_classifier(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
-                                                  cache_dir=cache_dir, verbose=False)
+    classifier = fid.load_or_train_classifier(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                                              cache_dir=tmp_path_factory.mktemp("no-cache"), verbose=False)
     return classifier, data
+
+
+def test_mnist_runs_use_the_committed_classifier_without_training(mnist_classifier, tmp_path, monkeypatch,
+                                                                   capsys):
+    classifier, data = mnist_classifier
+    key = fid.classifier_key(data["x_train"], data["y_train"])
+    committed = fid.COMMITTED_CLASSIFIERS / f"classifier-{key}.keras"
+    # Missing: the recipe or the network changed, so the key did; commit the retrained one.
+    assert committed.is_file() and committed.with_suffix(".json").is_file()
+    monkeypatch.setattr(fid, "train_classifier", lambda *args, **kwargs: pytest.fail("trained"))
+    again = fid.load_or_train_classifier(data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                                         cache_dir=tmp_path)
+    assert again.weights_sha256 == classifier.weights_sha256 == fid.load_classifier(committed).weights_sha256
+    assert f"fid: using committed classifier {committed}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written to the cache
 
 
 def test_classifier_reaches_99_percent_on_mnist(mnist_classifier):
@@ -529,7 +544,7 @@ def test_a_damaged_cached_classifier_is_trained_again(tiny_labelled_digits, tmp_
                                          skip_hint="; HINT")
     assert again.weights_sha256 == first.weights_sha256
     out, err = capsys.readouterr()
-    assert "ignoring cache entry" in err and "classifier test accuracy" in err
+    assert "ignoring cached classifier" in err and "classifier test accuracy" in err
     assert out == "" and "12/12" in err  # 512 images in batches of 128, for 3 epochs
     assert "training the classifier takes about" in err and "; HINT\n" in err
 
