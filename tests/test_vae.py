@@ -637,10 +637,13 @@ def test_higher_latent_dimension_uses_pca_and_skips_the_manifold(tmp_path, tiny_
 
 
 def wait_for_epochs(results_dir, epochs, process, timeout=120):
+    """Until the run has committed the checkpoint of `epochs` epochs and then (right after it)
+    written them to history.csv."""
     deadline = time.time() + timeout
+    state, history = results_dir / "checkpoint.json", results_dir / "history.csv"
     while time.time() < deadline and process.poll() is None:
-        state = results_dir / "checkpoint.json"
-        if state.exists() and json.loads(state.read_text())["epochs_done"] >= epochs:
+        if (state.exists() and json.loads(state.read_text())["epochs_done"] >= epochs
+                and history.exists() and len(history.read_text().splitlines()) > epochs):
             return
         time.sleep(0.05)
     raise AssertionError(f"the run did not reach {epochs} epochs: {process.communicate()[1][-2000:]}")
