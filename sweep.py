@@ -667,7 +667,7 @@ def report_table(study):
         value = number(statistics.median(values), digits) + (
             f" ({number(min(values), digits)} to {number(max(values), digits)})"
             if len(values) > 1 else "")
-        cells = [script, f"`{flags}`", trials[0].user_attrs["epochs"],
+        cells = [script, f"`{flags}`" if flags else "(defaults)", trials[0].user_attrs["epochs"],
                  ",".join(str(trial.user_attrs["seed"]) for trial in trials), value]
         for metric in others:
             cells.append(number(median(trials, metric), metric_digits(metric)))

@@ -348,7 +348,8 @@ def test_tuning_csv_goes_through_a_study_unchanged_and_its_report_is_the_committ
     assert (tmp_path / "tuning.csv").read_bytes() == tuning.read_bytes()
     storage = ["--sweeps-dir", tmp_path / "sweeps"]
     code, out, _ = run_sweep("--study", "tuning", *storage, "--import-csv", tuning)
-    assert code == 0 and "15 run(s)" in out
+    runs = len(tuning.read_text().splitlines()) - 1
+    assert code == 0 and f"{runs} run(s)" in out
     code, out, _ = run_sweep("--study", "tuning", *storage, "--import-csv", tuning)
     assert code == 0 and "0 run(s)" in out  # no run twice
     code, out, _ = run_sweep("--study", "tuning", *storage, "--report")
