@@ -835,11 +835,13 @@ def load_or_train_classifier(train_images, train_labels, test_images, test_label
     return model
 
 
-def newest_cached_classifier(cache_dir=None):
-    """The most recently trained classifier in the cache, for the command line; None if none."""
+def default_classifier_file(cache_dir=None):
+    """The classifier the command line uses without --classifier: the most recently trained one
+    in the cache, else a committed one (MNIST's); None if there is neither."""
     cached = sorted(Path(cache_dir or default_cache_dir()).glob("classifier-*.keras"),
                     key=lambda path: path.stat().st_mtime)
-    return cached[-1] if cached else None
+    found = cached or sorted(COMMITTED_CLASSIFIERS.glob("classifier-*.keras"))
+    return found[-1] if found else None
 
 
 def classifier_features(images, classifier, batch_size=1000) -> np.ndarray:
@@ -961,16 +963,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_line_classifier(path):
-    """--classifier PATH, else the newest cached classifier, else an error saying how to get one."""
+    """--classifier PATH, else default_classifier_file(), else an error saying how to get one."""
     if path is None:
-        path = newest_cached_classifier()
+        path = default_classifier_file()
         if path is None:
-            raise ValueError(f"no cached digit classifier in {default_cache_dir()}: run vae.py or "
+            raise ValueError(f"no cached digit classifier in {default_cache_dir()} and none "
+                             f"committed in {COMMITTED_CLASSIFIERS}: run vae.py or "
                              "conv_vae.py once with --data pointing at the training set (their "
                              "default --fid trains and caches one), or pass --classifier PATH to a "
                              ".keras classifier")
-        print(f"fid: using the newest cached classifier {path} (--classifier chooses another)",
-              file=sys.stderr)
+        print(f"fid: using classifier {path}, the newest cached, else MNIST's committed one "
+              "(--classifier chooses another)", file=sys.stderr)
     classifier = load_classifier(path)
     if classifier.test_accuracy is not None:
         print(f"fid: classifier test accuracy {classifier.test_accuracy:.2%}", file=sys.stderr)

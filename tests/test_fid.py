@@ -660,6 +660,10 @@ def test_cli_classifier_fid_uses_the_cached_classifier_or_a_file(tiny_labelled_d
     sets = [tmp_path / "a.npz", tmp_path / "b.npz"]
     np.savez(sets[0], tiny_labelled_digits[2][:64])
     np.savez(sets[1], images=tiny_labelled_digits[2][64:])
+    [committed] = fid.COMMITTED_CLASSIFIERS.glob("classifier-*.keras")  # MNIST's: used when the cache is empty
+    code, out, err = run_main(["--features", "classifier", *sets], capsys)
+    assert code == 0 and f"fid: using classifier {committed}" in err and "test accuracy 99.22%" in err
+    monkeypatch.setattr(fid, "COMMITTED_CLASSIFIERS", tmp_path / "none-committed")
     code, out, err = run_main(["--features", "classifier", *sets], capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert "no cached digit classifier" in err and "--classifier PATH" in err
@@ -669,7 +673,7 @@ def test_cli_classifier_fid_uses_the_cached_classifier_or_a_file(tiny_labelled_d
                                     fid.classifier_statistics(tiny_labelled_digits[2][64:], classifier))
     code, out, err = run_main(["--features", "classifier", *sets], capsys)
     assert (code, out) == (0, f"FID (classifier): {expected:.4f}\n")
-    assert "using the newest cached classifier" in err and f"test accuracy {classifier.test_accuracy:.2%}" in err
+    assert "the newest cached" in err and f"test accuracy {classifier.test_accuracy:.2%}" in err
 
     [saved] = (tmp_path / "cache").rglob("classifier-*.keras")
     copy = tmp_path / "mine.keras"
