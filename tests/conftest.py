@@ -104,8 +104,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The tests on the full MNIST first: they are the longest (the digit classifier trains for
-    minutes), and a worker that started them last would leave the other idle at the end."""
+    """The tests on the full MNIST first: they are among the longest (a run on 10,000 real
+    digits), and a worker that started them last would leave the other idle at the end."""
     items.sort(key=lambda item: "real_mnist" not in item.fixturenames)
 
 

@@ -348,15 +348,15 @@ def test_tuning_csv_goes_through_a_study_unchanged_and_its_report_is_the_committ
     assert (tmp_path / "tuning.csv").read_bytes() == tuning.read_bytes()
     storage = ["--sweeps-dir", tmp_path / "sweeps"]
     code, out, _ = run_sweep("--study", "tuning", *storage, "--import-csv", tuning)
-    runs = len(tuning.read_text().splitlines()) - 1
-    assert code == 0 and f"{runs} run(s)" in out
+    with open(tuning, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert code == 0 and f"{len(rows)} run(s)" in out
     code, out, _ = run_sweep("--study", "tuning", *storage, "--import-csv", tuning)
     assert code == 0 and "0 run(s)" in out  # no run twice
     code, out, _ = run_sweep("--study", "tuning", *storage, "--report")
     assert code == 0 and sweep.report_table(study) in out
     assert "best vae.py: `python vae.py --iw-samples 100 --hidden-dim 512 --hidden-layers 3`" in out
-    with open(tuning, newline="") as f:  # a study's export replaces its own rows, keeps others
-        rows = list(csv.DictReader(f))
+    # A study's export replaces its own rows, keeps others.
     partial = tmp_path / "partial.csv"
     with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sweep.CSV_COLUMNS)
