@@ -36,12 +36,12 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
 import matplotlib.image
-from keras import ops
 import numpy as np
 import scipy.linalg
-import tensorflow as tf
+
+# TensorFlow and Keras are imported by the functions that run a network: without them, distances
+# in pixel space and between saved features start in a second instead of about ten.
 
 FEATURE_KINDS = ("pixel", "classifier", "inception")
 INCEPTION_INPUT_SHAPE = (299, 299, 3)
@@ -246,6 +246,8 @@ def load_inception(weights="imagenet", dtype_policy="float32"):
     "mixed_bfloat16" computes its layers in bfloat16 (variables stay float32): see the README for
     its speed and how far its FIDs move.
     """
+    import keras
+
     if weights is not None and weights != "imagenet":
         weights = os.fspath(weights)
     keras.config.set_dtype_policy(dtype_policy)
@@ -264,16 +266,23 @@ def load_inception(weights="imagenet", dtype_policy="float32"):
 
 def inception_preprocess(images):
     """(B, H, W) grayscale in [0, 1] -> (B, 299, 299, 3) in [-1, 1], InceptionV3's input."""
+    import tensorflow as tf
+
     resized = tf.image.resize(images[..., tf.newaxis], INCEPTION_INPUT_SHAPE[:2], method="bilinear")
     return tf.image.grayscale_to_rgb(resized) * 2.0 - 1.0
 
 
-class StderrProgbar(keras.utils.Progbar):
+class StderrProgbar:
     """keras.utils.Progbar on stderr: stdout carries only results (`python fid.py A B > out`)."""
+
+    def __init__(self, target, **options):
+        import keras
+
+        self.progbar = keras.utils.Progbar(target, **options)
 
     def update(self, current, values=None, finalize=None):
         with contextlib.redirect_stdout(sys.stderr):
-            super().update(current, values, finalize)
+            self.progbar.update(current, values, finalize)
 
 
 def feature_extractor(model):
@@ -281,6 +290,8 @@ def feature_extractor(model):
     InceptionV3 takes seconds, and a run extracts three sets (test set, reconstructions, samples).
     XLA (jit_compile=True) is slower for Inception on CPU, so it stays off. The signature leaves
     batch and image size open, so the last, smaller batch reuses the graph."""
+    import tensorflow as tf
+
     if not hasattr(model, "extract_features"):
         model.extract_features = tf.function(
             lambda batch: tf.cast(model(inception_preprocess(batch), training=False), tf.float32),
@@ -677,6 +688,8 @@ def build_classifier(train_images, train_labels, seed=CLASSIFIER_RECIPE["seed"])
     named and every initializer seeded, so the definition (part of the cache key) and the
     trained weights are the same in every process.
     """
+    import keras
+
     height, width = check_images(train_images).shape[1:]
     if min(height, width) < MIN_CLASSIFIER_IMAGE_SIDE:
         raise ValueError(f"the digit classifier needs images of at least "
@@ -712,12 +725,12 @@ def classifier_key(train_images, train_labels) -> str:
     return digest.hexdigest()
 
 
-class ClassifierProgress(keras.callbacks.Callback):
+class ClassifierProgress:
     """A line estimating the whole training time after CLASSIFIER_ESTIMATE_STEP steps, then a
-    progress bar over the steps of all epochs (one object serves the per-epoch fit calls)."""
+    progress bar over the steps of all epochs (one object serves the per-epoch fit calls): the
+    step hook of a keras.callbacks.LambdaCallback."""
 
     def __init__(self, total_steps, skip_hint):
-        super().__init__()
         self.total_steps, self.skip_hint, self.steps = total_steps, skip_hint, 0
         self.estimate_step = min(CLASSIFIER_ESTIMATE_STEP, total_steps)
         self.start = time.perf_counter()
@@ -749,6 +762,9 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     if train_labels.shape != (len(train_images),):
         raise ValueError(f"labels shaped {train_labels.shape} do not match "
                          f"{len(train_images)} images")
+    import keras
+    import tensorflow as tf
+
     recipe = CLASSIFIER_RECIPE
     total_steps = recipe["epochs"] * math.ceil(len(train_images) / recipe["batch_size"])
     model = build_classifier(train_images, train_labels, recipe["seed"])
@@ -760,7 +776,9 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     if verbose:
         print(f"fid: training the digit classifier on {len(train_images)} images "
               f"({recipe['epochs']} epochs, from seed {recipe['seed']})", file=sys.stderr)
-    callbacks = [ClassifierProgress(total_steps, skip_hint)] if verbose else []
+    callbacks = ([keras.callbacks.LambdaCallback(
+        on_train_batch_end=ClassifierProgress(total_steps, skip_hint).on_train_batch_end)]
+                 if verbose else [])
     x = to_unit_float(train_images, np.float32)[..., None]
     rng = np.random.default_rng(recipe["seed"])
     for epoch in range(recipe["epochs"]):
@@ -782,6 +800,8 @@ def classifier_accuracy(model, images, labels) -> float:
 def load_classifier(path):
     """A classifier saved as .keras (ours, or any Keras model whose penultimate layer gives the
     features); test_accuracy comes from the file beside it that our cache writes, else None."""
+    import keras
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such classifier file: {path}")
@@ -851,10 +871,12 @@ def classifier_features(images, classifier, batch_size=1000) -> np.ndarray:
         height, width = classifier.inputs[0].shape[1:3]
         raise ValueError(f"the classifier takes {height}x{width} images, "
                          f"got {images.shape[1]}x{images.shape[2]}")
+    import keras
+
     extractor = keras.Model(classifier.input, classifier.layers[-2].output)
     # Eager calls: predict would trace a new function for each extractor.
     features = np.concatenate([
-        ops.convert_to_numpy(extractor(
+        keras.ops.convert_to_numpy(extractor(
             to_unit_float(images[start:start + batch_size], np.float32)[..., None]))
         for start in range(0, len(images), batch_size)])
     return features.reshape(len(images), -1)

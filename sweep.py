@@ -47,13 +47,14 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 
+import fid
+
 # The metrics a run's metrics.json may hold, and which way is better.
-FEATURES = ("pixel", "classifier", "inception")  # fid.FEATURE_KINDS (fid.py imports TensorFlow)
 MANIFOLD_METRICS = ("precision", "recall", "density", "coverage")
 HIGHER_IS_BETTER = ("test_elbo", "test_log_likelihood_iw", *MANIFOLD_METRICS)
 OBJECTIVES = ("test_elbo", "test_log_likelihood_iw", "final_test_loss",
               *(f"{metric}_{kind}_{images}" for metric in ("fid", "kid", *MANIFOLD_METRICS)
-                for kind in FEATURES for images in ("recon", "samples")))
+                for kind in fid.FEATURE_KINDS for images in ("recon", "samples")))
 DEFAULT_OBJECTIVE = "fid_pixel_recon"  # the original repository's metric
 PRUNING_LOSS = "val_loss"  # the column of history.csv reported each epoch: the test loss
 PRUNER_STARTUP_TRIALS = 5  # no pruning until this many trials completed (Optuna's default)
@@ -103,13 +104,6 @@ def direction(metric):
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """fid.OneLineErrorParser's single `PROG: error: ...` line, without fid.py's TensorFlow."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def choice(text):
     """A --space value as the script's option would take it: an int, a float, else the text."""
     for kind in (int, float):
@@ -158,13 +152,6 @@ def heartbeat_seconds(text):
     return value
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def split_local(script_args):
     """The script's arguments that define the runs, and those naming this machine's files
     (LOCAL_FLAGS with their values, as `--data PATH` or `--data=PATH`)."""
@@ -181,7 +168,7 @@ def split_local(script_args):
 
 
 def build_parser():
-    parser = OneLineErrorParser(
+    parser = fid.OneLineErrorParser(
         prog="sweep.py", description=__doc__.splitlines()[0],
         usage="%(prog)s --study NAME [--script SCRIPT --space NAME=VALUES ...] [options] "
               "[-- SCRIPT ARGS]",
@@ -194,7 +181,7 @@ def build_parser():
                              "(repeat for each option)")
     parser.add_argument("--seeds", type=seed_list, default=[0],
                         help="every configuration runs once per seed (comma-separated)")
-    parser.add_argument("--trials", type=positive_int, default=20,
+    parser.add_argument("--trials", type=fid.positive_int, default=20,
                         help="with a range in --space: configurations the study samples in all "
                              "(each run with every seed); a grid runs all its points")
     parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,

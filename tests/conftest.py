@@ -69,13 +69,6 @@ def real_mnist():
 QUICK = ["--epochs", "2", "--batch-size", "32", "--fid", "pixel,classifier", "--fid-samples", "64", "--iw-samples", "8"]
 
 
-def run_script(script, *args, timeout=300, **kwargs):
-    """Run vae.py or conv_vae.py as a process, where the process itself is the point (signals,
-    exit codes, a fresh clone), capturing its output."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
 def run_main(script, *args):
     """The script's main() in this process, as the command line would call it: everything but
     TensorFlow's start-up. Returns what subprocess.run would (returncode, stdout, stderr)."""

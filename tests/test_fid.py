@@ -471,10 +471,17 @@ def principal_component_reconstructions(images, reference, components):
     return np.clip(projected, 0, 1).reshape(images.shape)
 
 
-def test_classifier_fid_ranks_real_digits_reconstructions_and_noise(mnist_classifier):
+@pytest.fixture(scope="module")
+def mnist_reference(mnist_classifier):
+    """Classifier statistics of the first half of MNIST's test set, the reference the other half
+    and its corruptions are compared with."""
     classifier, data = mnist_classifier
-    test_a, test_b = data["x_test"][:5000], data["x_test"][5000:]
-    reference = fid.classifier_statistics(test_a, classifier)
+    return fid.classifier_statistics(data["x_test"][:5000], classifier)
+
+
+def test_classifier_fid_ranks_real_digits_reconstructions_and_noise(mnist_classifier, mnist_reference):
+    classifier, data = mnist_classifier
+    test_b, reference = data["x_test"][5000:], mnist_reference
 
     def distance(images):
         return fid.frechet_distance(reference, fid.classifier_statistics(images, classifier))
@@ -489,9 +496,9 @@ def test_classifier_fid_ranks_real_digits_reconstructions_and_noise(mnist_classi
     lambda images, level: np.clip(images + np.random.default_rng(1).normal(0, 0.1 * level, images.shape), 0, 1),
     lambda images, level: scipy.ndimage.gaussian_filter(images, (0, 0.5 * level, 0.5 * level)),
 ], ids=["noise", "blur"])
-def test_classifier_fid_grows_with_the_strength_of_a_corruption(mnist_classifier, corrupt):
+def test_classifier_fid_grows_with_the_strength_of_a_corruption(mnist_classifier, mnist_reference, corrupt):
     classifier, data = mnist_classifier
-    reference = fid.classifier_statistics(data["x_test"][:5000], classifier)
+    reference = mnist_reference
     clean = data["x_test"][5000:] / 255.0
     distances = [fid.frechet_distance(reference, fid.classifier_statistics(corrupt(clean, level), classifier))
                  for level in (1, 2, 4)]
