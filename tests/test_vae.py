@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from conftest import QUICK, ROOT, error_lines, run_main, shared_run, tiny_digits
+from conftest import QUICK, ROOT, error_lines, run_main, shared_between_workers, shared_run, tiny_digits
 from scipy.stats import multivariate_normal
 
 import fid
@@ -392,15 +393,30 @@ def test_kl_weight_rises_linearly_over_the_warmup_epochs_then_stays_at_beta():
     assert float(total) == pytest.approx(float(terms["reconstruction"]) + 3.0 * float(terms["kl"]), rel=1e-6)
 
 
-def test_warmup_continues_exactly_across_a_resume_and_the_elbo_stays_unweighted(tmp_path, tiny_mnist):
+@pytest.fixture(scope="session")
+def warmup_runs(tmp_path_factory, tiny_mnist):
+    """A run with KL warm-up and TensorBoard logs, trained 1 epoch then resumed to 3, and the same
+    run trained 3 epochs unbroken, made once per session: (folder of both, the resumed run's)."""
     common = ["--data", tiny_mnist, *QUICK, "--fid", "pixel", "--iw-samples", "4", "--beta", "4",
-              "--kl-warmup-epochs", "2"]
+              "--kl-warmup-epochs", "2", "--tensorboard"]
     unevaluated = ["--fid", "none", "--iw-samples", "0"]
-    for epochs, resume in (("1", unevaluated), ("3", ["--resume"])):
-        result = run_main("vae.py", *common, "--results-dir", tmp_path / "resumed", "--epochs", epochs, *resume)
-        assert result.returncode == 0, result.stderr
-    unbroken = run_main("vae.py", *common, *unevaluated, "--results-dir", tmp_path / "unbroken", "--epochs", "3")
-    assert unbroken.returncode == 0, unbroken.stderr
+    with shared_between_workers(tmp_path_factory, "warmup-runs") as shared:
+        if not (shared / "unbroken" / "metrics.json").is_file():
+            for epochs, resume in (("1", unevaluated), ("3", ["--resume"])):
+                result = run_main("vae.py", *common, "--results-dir", shared / "resumed", "--epochs", epochs,
+                                  *resume)
+                assert result.returncode == 0, result.stderr
+            unbroken = run_main("vae.py", *common, *unevaluated, "--results-dir", shared / "unbroken",
+                                "--epochs", "3")
+            assert unbroken.returncode == 0, unbroken.stderr
+        runs = tmp_path_factory.mktemp("warmup")
+        for name in ("resumed", "unbroken"):
+            shutil.copytree(shared / name, runs / name)
+    return runs, runs / "resumed"
+
+
+def test_warmup_continues_exactly_across_a_resume_and_the_elbo_stays_unweighted(warmup_runs):
+    tmp_path, _ = warmup_runs
     histories = [json.loads((tmp_path / name / "checkpoint.json").read_text())["history"] for name in ("resumed", "unbroken")]
     assert histories[0] == histories[1]
     assert histories[0]["kl_weight"] == histories[0]["val_kl_weight"] == [0.0, 2.0, 4.0]
@@ -749,12 +765,8 @@ def tensorboard_steps(log_dir):
     return steps
 
 
-def test_tensorboard_logs_continue_across_a_resume_without_duplicates(tmp_path, tiny_mnist):
-    common = ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--fid", "none", "--iw-samples", "0",
-              "--tensorboard"]
-    for epochs, resume in (("1", []), ("3", ["--resume"])):
-        result = run_main("vae.py", *common, "--epochs", epochs, *resume)
-        assert result.returncode == 0, result.stderr
+def test_tensorboard_logs_continue_across_a_resume_without_duplicates(warmup_runs):
+    _, tmp_path = warmup_runs  # trained 1 epoch, then resumed to 3
     steps = tensorboard_steps(tmp_path / "tensorboard")
     for key in (("train", "epoch_loss"), ("train", "epoch_kl_loss"), ("validation", "epoch_reconstruction_loss"),
                 ("progress", "progress")):
