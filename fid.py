@@ -51,7 +51,7 @@ LUMINANCE_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, for RGB inp
 KID_SUBSET_SIZE = 1000  # as in torch-fidelity and the KID authors' code
 
 
-# ---- Shared command-line helpers and I/O (vae.py and conv_vae.py use them too) ----
+# ---- Shared helpers: command line, I/O, network calls (vae.py and conv_vae.py use them too) ----
 
 
 def positive_int(text: str) -> int:
@@ -117,6 +117,23 @@ def save_npz(path, **arrays):
 def format_duration(seconds: float) -> str:
     """Seconds up to 90 s, minutes above: for the estimates printed before long passes."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def in_batches(network, inputs, batch_size=1000, prepare=None):
+    """A Keras network's outputs for all inputs, as NumPy arrays (a list of them for several
+    outputs). Eager calls, batch by batch: the same values as predict, without the function
+    predict traces for each network and input shape. prepare(batch) converts each batch first,
+    so that only one batch of the converted inputs is ever held."""
+    import keras
+
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        outputs.append(network(prepare(batch) if prepare else batch, training=False))
+    if isinstance(outputs[0], (list, tuple)):
+        return [np.concatenate([keras.ops.convert_to_numpy(batch[i]) for batch in outputs])
+                for i in range(len(outputs[0]))]
+    return np.concatenate([keras.ops.convert_to_numpy(batch) for batch in outputs])
 
 
 # ---- Fréchet distance and image statistics ----
@@ -750,6 +767,11 @@ class ClassifierProgress:
             self.progbar.update(self.steps)
 
 
+def classifier_input(images):
+    """Checked images as the classifier takes them: float32 in [0, 1], one channel."""
+    return to_unit_float(images, np.float32)[..., None]
+
+
 def train_classifier(train_images, train_labels, test_images, test_labels, verbose=True,
                      skip_hint=""):
     """The classifier trained from its fixed seed by CLASSIFIER_RECIPE; test_accuracy set on it.
@@ -779,7 +801,7 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     callbacks = ([keras.callbacks.LambdaCallback(
         on_train_batch_end=ClassifierProgress(total_steps, skip_hint).on_train_batch_end)]
                  if verbose else [])
-    x = to_unit_float(train_images, np.float32)[..., None]
+    x = classifier_input(train_images)
     rng = np.random.default_rng(recipe["seed"])
     for epoch in range(recipe["epochs"]):
         order = rng.permutation(len(x))
@@ -791,13 +813,8 @@ def train_classifier(train_images, train_labels, test_images, test_labels, verbo
     return model
 
 
-def classifier_accuracy(model, images, labels, batch_size=1000) -> float:
-    import keras
-
-    inputs = to_unit_float(check_images(images), np.float32)[..., None]
-    # Eager calls, as in classifier_features: predict would trace a function for this model.
-    logits = np.concatenate([keras.ops.convert_to_numpy(model(inputs[start:start + batch_size]))
-                             for start in range(0, len(inputs), batch_size)])
+def classifier_accuracy(model, images, labels) -> float:
+    logits = in_batches(model, check_images(images), prepare=classifier_input)
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
 
 
@@ -878,11 +895,7 @@ def classifier_features(images, classifier, batch_size=1000) -> np.ndarray:
     import keras
 
     extractor = keras.Model(classifier.input, classifier.layers[-2].output)
-    # Eager calls: predict would trace a new function for each extractor.
-    features = np.concatenate([
-        keras.ops.convert_to_numpy(extractor(
-            to_unit_float(images[start:start + batch_size], np.float32)[..., None]))
-        for start in range(0, len(images), batch_size)])
+    features = in_batches(extractor, images, batch_size, prepare=classifier_input)
     return features.reshape(len(images), -1)
 
 

@@ -536,25 +536,14 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state)
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
-def in_batches(network, inputs, batch_size=1000):
-    """network's outputs for all inputs, as NumPy arrays. Eager calls, batch by batch: the same
-    values as predict, without the function predict traces for each network and input shape."""
-    batches = [network(inputs[start:start + batch_size], training=False)
-               for start in range(0, len(inputs), batch_size)]
-    if isinstance(batches[0], (list, tuple)):
-        return [np.concatenate([ops.convert_to_numpy(batch[i]) for batch in batches])
-                for i in range(len(batches[0]))]
-    return np.concatenate([ops.convert_to_numpy(batch) for batch in batches])
-
-
 def encode(model, x):
     """Posterior means and log-variances of all images."""
-    z_mean, z_log_var = in_batches(model.encoder, x)
+    z_mean, z_log_var = fid.in_batches(model.encoder, x)
     return z_mean, z_log_var
 
 
 def decode(model, z):
-    return in_batches(model.decoder, z)
+    return fid.in_batches(model.decoder, z)
 
 
 def evaluate_elbo(model, x, seed, posterior=None):
