@@ -759,7 +759,7 @@ def print_summary(title, metrics, results_dir):
     for key in shown:
         if key in metrics:
             value = metrics[key]
-            digits = 5 if key.startswith("kid") else 3  # KID is a few thousandths
+            digits = 5 if key.startswith("kid") else 3  # KID in Inception features: a few thousandths
             print(f"  {key:30s} {'null' if value is None else f'{value:.{digits}f}'}")
     if metrics.get("seconds_per_epoch"):
         print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):.2f}")
@@ -985,13 +985,13 @@ def check_results_dir(args, run_defining):
             old.unlink(missing_ok=True)
         shutil.rmtree(results_dir / "tensorboard", ignore_errors=True)  # its steps would repeat
         return results_dir, None
-    state = read_checkpoint(results_dir)
     if args.evaluate_only:
         model_path = Path(args.model) if args.model else results_dir / "model.keras"
         if not model_path.is_file():
             raise UsageError(f"{model_path}: no saved model to evaluate "
                              "(train first, or pass --model PATH)")
-        return results_dir, state
+        return results_dir, read_checkpoint(results_dir, model_needed=False)
+    state = read_checkpoint(results_dir)
     if args.resume:
         if args.from_previous_checkpoint:
             state = read_checkpoint(results_dir, PREVIOUS_CHECKPOINT_STATE)
@@ -1193,13 +1193,16 @@ def read_frames(results_dir):
     return np.load(path) if path.is_file() else np.zeros((0, 0, 0), np.uint8)
 
 
-def read_checkpoint(results_dir, name=CHECKPOINT_STATE):
+def read_checkpoint(results_dir, name=CHECKPOINT_STATE, model_needed=True):
+    """The checkpoint's state (epochs, history, timings, random states), or None. An evaluation
+    needs only the history and timings, so model_needed=False accepts a run whose epoch
+    checkpoints were deleted to save disk."""
     path = results_dir / name
     if not path.is_file():
         return None
     try:
         state = json.loads(path.read_text())
-        if not (results_dir / state["model_file"]).is_file():
+        if model_needed and not (results_dir / state["model_file"]).is_file():
             raise ValueError(f"{state['model_file']} is missing")
         return state
     except (ValueError, KeyError) as e:
