@@ -807,6 +807,7 @@ def run(args, architecture, run_defining):
                         state)
         history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
+    if (results_dir / PROGRESS_FRAMES).is_file():  # also drawn again by --evaluate-only
         save_progress_animation(results_dir)
     if history:
         save_figure(plot_utils.loss_curves(history, title=figure_title),

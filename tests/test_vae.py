@@ -628,8 +628,13 @@ def test_evaluate_only_reproduces_the_metrics(finished_run, tmp_path, tiny_mnist
     results_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], results_dir, ignore=shutil.ignore_patterns("checkpoint-epoch*"))
     before = json.loads((results_dir / "metrics.json").read_text())
+    gif = (results_dir / "progress.gif").read_bytes()
+    for figure in ("progress.gif", "loss_curves.png", "samples.png"):
+        (results_dir / figure).unlink()
     result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", results_dir, *QUICK, "--evaluate-only")
     assert result.returncode == 0, result.stderr
+    assert (results_dir / "progress.gif").read_bytes() == gif  # drawn again from the run's frames
+    assert (results_dir / "loss_curves.png").is_file() and (results_dir / "samples.png").is_file()
     after = json.loads((results_dir / "metrics.json").read_text())
     for key in ("test_elbo", "test_log_likelihood_iw", "fid_pixel_recon", "fid_pixel_samples", "fid_classifier_recon",
                 "fid_classifier_samples", "classifier_test_accuracy", "final_test_loss"):
