@@ -986,13 +986,13 @@ def check_results_dir(args, run_defining):
             old.unlink(missing_ok=True)
         shutil.rmtree(results_dir / "tensorboard", ignore_errors=True)  # its steps would repeat
         return results_dir, None
+    state = read_checkpoint(results_dir)
     if args.evaluate_only:
         model_path = Path(args.model) if args.model else results_dir / "model.keras"
         if not model_path.is_file():
             raise UsageError(f"{model_path}: no saved model to evaluate "
                              "(train first, or pass --model PATH)")
-        return results_dir, read_checkpoint(results_dir, model_needed=False)
-    state = read_checkpoint(results_dir)
+        return results_dir, state
     if args.resume:
         if args.from_previous_checkpoint:
             state = read_checkpoint(results_dir, PREVIOUS_CHECKPOINT_STATE)
@@ -1194,17 +1194,18 @@ def read_frames(results_dir):
     return np.load(path) if path.is_file() else np.zeros((0, 0, 0), np.uint8)
 
 
-def read_checkpoint(results_dir, name=CHECKPOINT_STATE, model_needed=True):
-    """The checkpoint's state (epochs, history, timings, random states), or None. An evaluation
-    needs only the history and timings, so model_needed=False accepts a run whose epoch
-    checkpoints were deleted to save disk."""
+def read_checkpoint(results_dir, name=CHECKPOINT_STATE):
+    """The checkpoint's state (epochs, history, timings, random states, its model file's name), or
+    None. Its model file is checked where it is loaded (restore_checkpoint): an evaluation needs
+    only the history and timings, so a run whose epoch checkpoints were deleted to save disk can
+    still be evaluated."""
     path = results_dir / name
     if not path.is_file():
         return None
     try:
         state = json.loads(path.read_text())
-        if model_needed and not (results_dir / state["model_file"]).is_file():
-            raise ValueError(f"{state['model_file']} is missing")
+        if "model_file" not in state:
+            raise ValueError("it names no model file")
         return state
     except (ValueError, KeyError) as e:
         raise UsageError(f"{path}: unusable checkpoint ({e}); "
