@@ -8,12 +8,12 @@ the model class, data, training, checkpoints, evaluation and outputs are vae.py'
 
 import sys
 
+import fid
+import vae  # first: it starts TensorFlow without its start-up lines (fid.start_tensorflow)
+
 import keras
 import tensorflow as tf
 from keras import layers, ops
-
-import fid
-import vae
 
 # Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
 # instead of Keras' op. tests/bench/bench_training.py times each layer both ways: on a CPU, TF's
@@ -227,7 +227,8 @@ CONV = vae.Architecture(
     script="conv_vae.py", title="Convolutional VAE", description=__doc__.splitlines()[0],
     build_encoder=conv_encoder, build_decoder=conv_decoder, add_options=add_conv_options,
     epochs=100, batch_size=128, iw_samples=100,
-    xla=False, batches_per_step=1)  # XLA's CPU convolutions are slow; groups need XLA to gain
+    xla=False, batches_per_step=1,  # XLA's CPU convolutions are slow; groups need XLA to gain
+    image_side_multiple=4)  # two stride-2 convolutions, undone by two in the decoder
 
 if __name__ == "__main__":
     sys.exit(vae.main(architecture=CONV))

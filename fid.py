@@ -28,7 +28,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -49,6 +51,7 @@ SQRTM_EPS = 1e-6
 MAX_IMAGINARY_COMPONENT = 1e-3  # pytorch-fid's tolerance on the diagonal of sqrtm
 LUMINANCE_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, for RGB inputs
 KID_SUBSET_SIZE = 1000  # as in torch-fidelity and the KID authors' code
+NEAREST_NEIGHBOURS = 5  # k of precision / recall / density / coverage (see their function)
 
 
 # ---- Shared helpers: command line, I/O, network calls (vae.py and conv_vae.py use them too) ----
@@ -87,10 +90,64 @@ def unit_interval(text):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage errors in the same single `PROG: error: ...` line as every other error."""
+    """Usage errors in the same single `PROG: error: ...` line as every other error, and no
+    abbreviated options (argparse would take --epoch for --epochs, and a later option could
+    change what an abbreviation means)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# What TensorFlow prints on a CPU-only machine before its logging starts (so TF_CPP_MIN_LOG_LEVEL
+# cannot silence it), each line twice: dropped by start_tensorflow, one known message each.
+TENSORFLOW_STARTUP_LINES = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|[IWE]\d{4} [\d:.]+ +\d+ (port\.cc:\d+\] oneDNN custom operations are on\."
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\.$"
+    r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU "
+    r"instructions in performance-critical operations\.$"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit: )"
+    r"|To enable the following instructions: .*, in other operations, rebuild TensorFlow with the "
+    r"appropriate compiler flags\.$")
+SHOW_TENSORFLOW_STARTUP = "VAE_TENSORFLOW_LOGS"  # set to 1 to see those lines
+
+
+@contextlib.contextmanager
+def stderr_without(lines):
+    """Standard error, at the file descriptor (where TensorFlow's C++ writes), held back while the
+    block runs, then passed on without the lines that match the pattern `lines`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not lines.match(line.rstrip("\n"))]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
+def start_tensorflow():
+    """Import TensorFlow and Keras and start TensorFlow's devices (where the CUDA probe prints),
+    without TensorFlow's start-up lines (TENSORFLOW_STARTUP_LINES); every other line, an error
+    included, still shows. VAE_TENSORFLOW_LOGS=1 shows them all."""
+    if "tensorflow" in sys.modules:
+        return
+    quiet = os.environ.get(SHOW_TENSORFLOW_STARTUP) != "1"
+    with stderr_without(TENSORFLOW_STARTUP_LINES) if quiet else contextlib.nullcontext():
+        import keras  # noqa: F401 (imports TensorFlow)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
 
 
 def atomic_write(path, write):
@@ -583,6 +640,13 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
     return float(estimates.mean()), float(estimates.std())
 
 
+def fewest_images(kinds):
+    """The fewest images each compared set needs for the metrics of these feature kinds: 2 for a
+    covariance (FID) and KID's pairs; k + 1 for the k-NN metrics, which the classifier and
+    Inception features add."""
+    return NEAREST_NEIGHBOURS + 1 if set(kinds) - {"pixel"} else 2
+
+
 def partial_distance_blocks(a, b, b_norms, block_size):
     """(start, ||b||^2 - 2 a.b for a[start:start + block_size] against every row of b): the
     squared Euclidean distances less each row's own ||a||^2, which the caller adds where it
@@ -612,8 +676,8 @@ def kth_neighbour_radii(features, norms, k, block_size):
     return np.maximum(radii, 0, out=radii)
 
 
-def precision_recall_density_coverage(real_features, fake_features, k=5, block_size=1000,
-                                      reuse=None):
+def precision_recall_density_coverage(real_features, fake_features, k=NEAREST_NEIGHBOURS,
+                                      block_size=1000, reuse=None):
     """Precision and recall (Kynkäänniemi et al. 2019) with density and coverage (Naeem et al.
     2020), from balls around each sample reaching its k-th nearest neighbour in its own set:
 
@@ -876,15 +940,6 @@ def load_or_train_classifier(train_images, train_labels, test_images, test_label
     return model
 
 
-def default_classifier_file(cache_dir=None):
-    """The classifier the command line uses without --classifier: the most recently trained one
-    in the cache, else a committed one (MNIST's); None if there is neither."""
-    cached = sorted(Path(cache_dir or default_cache_dir()).glob("classifier-*.keras"),
-                    key=lambda path: path.stat().st_mtime)
-    found = cached or sorted(COMMITTED_CLASSIFIERS.glob("classifier-*.keras"))
-    return found[-1] if found else None
-
-
 def classifier_features(images, classifier, batch_size=1000) -> np.ndarray:
     """The classifier's penultimate-layer activations, (N, d) float32."""
     images = check_images(images)
@@ -971,8 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "of a digit classifier trained on the data (see --classifier), or raw "
                              "pixels, the original repo's metric (default: %(default)s)")
     parser.add_argument("--classifier", metavar="PATH",
-                        help="with --features classifier: a .keras classifier; default: the "
-                             "newest one that vae.py or conv_vae.py trained and cached")
+                        help="with --features classifier: a .keras classifier, such as one "
+                             "that vae.py or conv_vae.py trained on other data and cached; "
+                             "default: MNIST's committed one")
     parser.add_argument("--inception-weights", default="imagenet", metavar="WEIGHTS",
                         help='"imagenet" (downloaded by Keras) or a path to a Keras weights file, '
                              "for machines without internet (default: %(default)s)")
@@ -1002,17 +1058,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_line_classifier(path):
-    """--classifier PATH, else default_classifier_file(), else an error saying how to get one."""
+    """--classifier PATH, else MNIST's committed classifier: FIDs in its features compare across
+    machines and with the committed runs' (a classifier of other data is used only when named)."""
     if path is None:
-        path = default_classifier_file()
-        if path is None:
-            raise ValueError(f"no cached digit classifier in {default_cache_dir()} and none "
-                             f"committed in {COMMITTED_CLASSIFIERS}: run vae.py or "
-                             "conv_vae.py once with --data pointing at the training set (their "
-                             "default --fid trains and caches one), or pass --classifier PATH to a "
-                             ".keras classifier")
-        print(f"fid: using classifier {path}, the newest cached, else MNIST's committed one "
-              "(--classifier chooses another)", file=sys.stderr)
+        committed = sorted(COMMITTED_CLASSIFIERS.glob("classifier-*.keras"))
+        if not committed:
+            raise ValueError(f"no classifier committed in {COMMITTED_CLASSIFIERS}: pass "
+                             "--classifier PATH to a .keras classifier (vae.py and conv_vae.py "
+                             f"cache the one of their data in {default_cache_dir()})")
+        path = committed[0]
+        print(f"fid: using MNIST's committed classifier {path} (--classifier chooses another)",
+              file=sys.stderr)
     classifier = load_classifier(path)
     if classifier.test_accuracy is not None:
         print(f"fid: classifier test accuracy {classifier.test_accuracy:.2%}", file=sys.stderr)
@@ -1069,8 +1125,16 @@ def run_command(args) -> None:
         raise ValueError(f"cannot write {args.b}: its folder does not exist")
     network = None
     if not all(isinstance(item, Statistics) for item in inputs):
+        if args.features != "pixel":
+            start_tensorflow()
         if args.features == "inception":
-            network = load_inception(args.inception_weights)
+            try:
+                network = load_inception(args.inception_weights)
+            except InceptionUnavailable as error:
+                offline = ("; without a network, --inception-weights FILE loads a local copy, and "
+                           "--features classifier or --features pixel need no download"
+                           if args.inception_weights == "imagenet" else "")
+                raise InceptionUnavailable(f"{error}{offline}") from None
         elif args.features == "classifier":
             network = command_line_classifier(args.classifier)
     if args.kid or args.prdc:  # one feature pass for all metrics

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -485,7 +486,7 @@ class Objective:
         command = [sys.executable, sweep["script"], *words, *args.local_args,
                    "--seed", str(seed), "--results-dir", str(results_dir)]
         resumed = retry and (results_dir / "checkpoint.json").is_file()
-        print(f"[sweep] trial {trial.number}: {flags} --seed {seed} -> {results_dir}"
+        print(f"[sweep] trial {trial.number}: {shlex.join(command)}"
               + (" (resuming its checkpoint)" if resumed else ""), flush=True)
         start = time.perf_counter()
         if not (retry and (results_dir / "metrics.json").is_file()):  # its run finished, its
@@ -665,8 +666,9 @@ def report_table(study):
     return "\n".join(rows)
 
 
-def best_commands(study):
-    """Per script, the configuration with the best median objective, as a command."""
+def best_commands(study, local_args=()):
+    """Per script, the configuration with the best median objective, as a command to paste: this
+    interpreter, the script, its flags and local_args (this machine's --data)."""
     objective = study.user_attrs["sweep"]["objective"]
     sign = 1 if direction(objective) == "minimize" else -1
     best = {}
@@ -674,8 +676,10 @@ def best_commands(study):
         value = statistics.median(trial.value for trial in trials)
         if script not in best or sign * value < sign * best[script][0]:
             best[script] = (value, flags, [trial.user_attrs["seed"] for trial in trials])
-    return [f"best {script}: `python {script} {flags}` ({objective}: median {value:.4g} over seeds "
-            f"{','.join(map(str, seeds))})" for script, (value, flags, seeds) in best.items()]
+    return [f"best {script}: "
+            f"`{shlex.join([sys.executable, script, *shlex.split(flags), *local_args])}` "
+            f"({objective}: median {value:.4g} over seeds {','.join(map(str, seeds))})"
+            for script, (value, flags, seeds) in best.items()]
 
 
 def state_counts(study):
@@ -806,14 +810,14 @@ def run(args):
             return
         print(f"study {args.study} ({state_counts(study)}):\n")
         print(report_table(study) + "\n")
-        print("\n".join(best_commands(study)))
+        print("\n".join(best_commands(study, args.local_args)))
         return
     study = open_study(args, storage)
     print(f"[sweep] study {args.study} in {shown(storage_url(args))}: {state_counts(study)}",
           flush=True)
     work(args, study, storage)
-    report = f"python sweep.py --study {args.study} --report" + (
-        f" --storage {shown(args.storage)}" if args.storage else "")
+    report = shlex.join([sys.executable, "sweep.py", "--study", args.study, "--report",
+                         *(["--storage", shown(args.storage)] if args.storage else [])])
     print(f"[sweep] study {args.study} done ({state_counts(study)}); its table: {report}")
 
 

@@ -18,7 +18,9 @@ import gzip
 import json
 import math
 import os
+import platform
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -27,15 +29,15 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
 import numpy as np
-import tensorflow as tf
-from keras import layers, ops
 
 import fid
 import plot_utils
+
+fid.start_tensorflow()  # before Keras: without TensorFlow's start-up lines
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers, ops  # noqa: E402
 
 # ==============================================================================================
 # PART 1: THE EXPERIMENT
@@ -61,6 +63,7 @@ RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood
                 "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs", "dataset",
                 "lr_schedule", "activation")
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # metrics.json's isa
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Architecture:
     xla: bool  # XLA compilation (XLA_MIN_BATCHES): faster for dense layers, many times slower
     # for CPU convolutions
     batches_per_step: int  # batches per compiled training step (see VAE.train_step)
+    image_side_multiple: int = 1  # the decoder rebuilds only image sides that are multiples
 
     @property
     def results_dir(self):
@@ -316,10 +320,11 @@ class VAE(keras.Model):
         self.sampling = Sampling(seed=seed, dtype="float32")  # see posterior_head
         self.binarize_seed_generator = keras.random.SeedGenerator(
             None if seed is None else seed + 1)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        for name in LOSS_TERMS:  # attributes named as saved models know them: kl_tracker, ...
-            setattr(self, f"{name}_tracker", keras.metrics.Mean(name=f"{name}_loss"))
+        self.term_trackers = {name: keras.metrics.Mean(name=f"{name}_loss")
+                              for name in LOSS_TERMS}
         self.kl_weight_tracker = keras.metrics.Mean(name="kl_weight")
+        self.loss_tracker = SumOfTerms(self.term_trackers,
+                                       self.kl_weight_tracker if self.weighted else None)
 
     @property
     def weighted(self):
@@ -329,7 +334,7 @@ class VAE(keras.Model):
     def metrics(self):
         """The total and each loss term; the KL weight too when it is not 1 (so history.csv and
         the curves say so)."""
-        return [self.loss_tracker, *(getattr(self, f"{name}_tracker") for name in LOSS_TERMS),
+        return [self.loss_tracker, *self.term_trackers.values(),
                 *([self.kl_weight_tracker] if self.weighted else [])]
 
     def kl_weight(self, updates_done):
@@ -350,16 +355,15 @@ class VAE(keras.Model):
         """(training loss, {term: batch mean}) of one batch."""
         z_mean, z_log_var = self.encoder(x, training=training)
         x_hat = self.decoder(self.sampling([z_mean, z_log_var]), training=training)
-        terms = {name: ops.mean(term(x=x, x_hat=x_hat, z_mean=z_mean, z_log_var=z_log_var,
-                                     likelihood=self.likelihood))
+        terms = {name: ops.mean(term.per_image(x=x, x_hat=x_hat, z_mean=z_mean,
+                                               z_log_var=z_log_var, likelihood=self.likelihood))
                  for name, term in LOSS_TERMS.items()}
-        weighted = [kl_weight * value if name == "kl" else value for name, value in terms.items()]
-        return sum(weighted[1:], start=weighted[0]), terms
+        return weighted_sum(terms, kl_weight), terms
 
-    def track(self, total, terms, kl_weight):
-        self.loss_tracker.update_state(total)
+    def track(self, terms, kl_weight):
+        """The terms' batch means (the total is their sum: SumOfTerms)."""
         for name, value in terms.items():
-            getattr(self, f"{name}_tracker").update_state(value)
+            self.term_trackers[name].update_state(value)
         if self.weighted:
             self.kl_weight_tracker.update_state(kl_weight)
 
@@ -389,7 +393,7 @@ class VAE(keras.Model):
             scaled = self.optimizer.scale_loss(total)  # mixed_float16: Keras' loss scaling
         gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply(gradients, self.trainable_weights)
-        self.track(total, terms, kl_weight)
+        self.track(terms, kl_weight)
 
     def test_step(self, data):
         """The test loss with the weight of the epoch just trained, so train and test curves
@@ -397,7 +401,8 @@ class VAE(keras.Model):
         x = data[0] if isinstance(data, tuple) else data
         kl_weight = (self.kl_weight(ops.maximum(self.optimizer.iterations - 1, 0))
                      if self.kl_warmup_epochs else self.beta)
-        self.track(*self.objective(x, training=False, kl_weight=kl_weight), kl_weight)
+        _, terms = self.objective(x, training=False, kl_weight=kl_weight)
+        self.track(terms, kl_weight)
         return self.get_metrics_result()
 
     def get_config(self):
@@ -420,6 +425,29 @@ class VAE(keras.Model):
         return cls(**config)
 
 
+class SumOfTerms(keras.metrics.Metric):
+    """The tracked loss (the logs' and history.csv's `loss`): the tracked terms' means summed, the
+    KL's weighted by the epoch's KL weight, when read. Nothing is accumulated for it: a total
+    accumulated on its own is an expression of its own in the traced step, which TensorFlow's
+    graph optimizer (Grappler) rearranged differently from process to process, so it differed in
+    its last bit from the sum of the terms beside it, and a resumed run's from an unbroken one's."""
+
+    def __init__(self, term_trackers, kl_weight_tracker=None, name="loss"):
+        super().__init__(name=name)
+        self.term_trackers, self.kl_weight_tracker = term_trackers, kl_weight_tracker
+
+    def update_state(self, *args, **kwargs):
+        """Nothing to do: the term trackers are updated."""
+
+    def reset_state(self):
+        """Nothing to do: the term trackers are reset with the model's other metrics."""
+
+    def result(self):
+        means = {name: tracker.result() for name, tracker in self.term_trackers.items()}
+        return weighted_sum(means, 1.0 if self.kl_weight_tracker is None
+                            else self.kl_weight_tracker.result())
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------
@@ -438,13 +466,35 @@ def kl_divergence(z_mean, z_log_var):
     return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
 
 
-# The negative ELBO, term by term (per image). Everything else follows from this mapping: the
-# trackers and history.csv's columns (<term>_loss), the test metrics (test_<term>), the summary;
-# a new term is one entry here and its panel in plot_utils.LOSS_PANELS.
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """A term of the training loss, per image (of x, x_hat, z_mean, z_log_var, likelihood).
+    in_elbo: a term of the negative ELBO; the test ELBO and the likelihood estimate are the
+    model's whatever else trains it, so they leave out the rest (a regulariser, say)."""
+
+    per_image: Callable
+    in_elbo: bool = True
+
+
+# The training loss, term by term. Everything else follows from this mapping: the trackers and
+# history.csv's columns (<term>_loss), the test metrics (test_<term>), the summary; a new term is
+# one entry here and its panel in plot_utils.LOSS_PANELS.
 LOSS_TERMS = {
-    "reconstruction": lambda x, x_hat, likelihood, **_: reconstruction_error(x, x_hat, likelihood),
-    "kl": lambda z_mean, z_log_var, **_: kl_divergence(z_mean, z_log_var),
+    "reconstruction": LossTerm(lambda x, x_hat, likelihood, **_:
+                               reconstruction_error(x, x_hat, likelihood)),
+    "kl": LossTerm(lambda z_mean, z_log_var, **_: kl_divergence(z_mean, z_log_var)),
 }
+
+
+def elbo(terms):
+    """The ELBO per image from {term: per-image values}: minus the sum of the ELBO's terms."""
+    return -sum(values for name, values in terms.items() if LOSS_TERMS[name].in_elbo)
+
+
+def weighted_sum(terms, kl_weight):
+    """The training loss from its terms (values or batch means), the KL weighted."""
+    weighted = [kl_weight * value if name == "kl" else value for name, value in terms.items()]
+    return sum(weighted[1:], start=weighted[0])
 
 
 def log_likelihood_constant(num_pixels, likelihood):
@@ -484,10 +534,10 @@ def compile_model(model, args, xla):
     model.optimizer.build(model.trainable_variables)
 
 
-def train(model, args, architecture, title, results_dir, x_train, x_test, state):
+def train(model, args, architecture, title, results_dir, x_train, x_test, state, resume_command):
     """model.fit from the checkpointed epoch; returns the TrainingState callback (history,
     timings). The progress frames show the first test images and a few prior samples, the same
-    every epoch."""
+    every epoch. resume_command: what an interrupted run tells the user to type."""
     watch_z = np.random.default_rng(args.seed + 2).standard_normal(
         (WATCHED_SAMPLES, args.latent_dim)).astype(np.float32)
     tensorboard_dir = results_dir / "tensorboard" if args.tensorboard else None
@@ -501,32 +551,34 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state)
                                                      write_graph=False))
     (results_dir / "metrics.json").unlink(missing_ok=True)  # it describes a model this run
     # replaces; its absence also tells --resume that an evaluation did not finish
+    batches_per_step = 1 if args.plain else architecture.batches_per_step
     if args.plain:
         fit_data = dict(x=x_train, batch_size=args.batch_size, validation_data=(x_test,),
                         shuffle=True)
     else:
         train_data, test_data, groups_per_epoch = make_datasets(
-            x_train, x_test, args.batch_size, architecture.batches_per_step, args.seed,
+            x_train, x_test, args.batch_size, batches_per_step, args.seed,
             first_epoch=tracker.epochs_done)
         fit_data = dict(x=train_data, steps_per_epoch=groups_per_epoch, validation_data=test_data,
                         shuffle=False)  # the dataset shuffles
-    resume_command = (f"python {architecture.script} --results-dir {results_dir} --resume "
-                      f"--epochs {args.epochs}"
-                      + ("" if args.data is None else f" --data {args.data}"))
+    callbacks.append(BatchProgress(len(x_train), args.batch_size, batches_per_step))
     model.steps_per_execution = 1  # one group of batches per call
     try:
         model.fit(**fit_data, epochs=args.epochs, initial_epoch=tracker.epochs_done,
-                  callbacks=callbacks, verbose=2 if os.environ.get("CI") else 1)
+                  callbacks=callbacks, verbose=0)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{tracker.epochs_done} complete epoch(s) are checkpointed in "
-                                f"{results_dir}.\nresume with: {resume_command}") from None
+        raise KeyboardInterrupt(f"{count_of(checkpointed_epochs(results_dir), 'complete epoch')} "
+                                f"checkpointed in {results_dir}.\nresume with: {resume_command}"
+                                ) from None
     except OSError as e:  # e.g. the disk filled up while writing a checkpoint
+        saved = count_of(checkpointed_epochs(results_dir), "epoch")
         raise RunFailed(f"cannot write a checkpoint in {results_dir} ({e.strerror or e}); the last "
-                        f"complete one ({tracker.epochs_done} epochs) is intact. Free space, then: "
-                        f"{resume_command}") from None
+                        f"complete one ({saved}) is intact. Free space, then: {resume_command}"
+                        ) from None
     if tracker.diverged_epoch:
-        kept = (f"the last good checkpoint ({tracker.epochs_done} epochs) is kept in {results_dir}"
-                if tracker.epochs_done else "no epoch completed, so there is no checkpoint")
+        saved = checkpointed_epochs(results_dir)
+        kept = (f"the last good checkpoint ({count_of(saved, 'epoch')}) is kept in {results_dir}"
+                if saved else "no epoch completed, so there is no checkpoint")
         raise RunFailed(f"the loss became NaN or infinite in epoch {tracker.diverged_epoch}; "
                         f"training stopped and {kept}. Try a smaller --learning-rate.")
     return tracker
@@ -556,8 +608,9 @@ def evaluate_elbo(model, x, seed, posterior=None):
     z_mean, z_log_var = posterior or encode(model, x)
     epsilon = np.random.default_rng(seed).standard_normal(z_mean.shape).astype(np.float32)
     reconstructions = decode(model, z_mean + np.exp(0.5 * z_log_var) * epsilon)
-    terms = {name: ops.convert_to_numpy(term(x=x, x_hat=reconstructions, z_mean=z_mean,
-                                             z_log_var=z_log_var, likelihood=model.likelihood))
+    terms = {name: ops.convert_to_numpy(term.per_image(x=x, x_hat=reconstructions, z_mean=z_mean,
+                                                       z_log_var=z_log_var,
+                                                       likelihood=model.likelihood))
              for name, term in LOSS_TERMS.items()}
     terms["reconstruction"] = terms["reconstruction"] + log_likelihood_constant(
         math.prod(x.shape[1:]), model.likelihood)
@@ -708,7 +761,7 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
                    else x_test)
     posterior = encode(model, test_images)
     reconstructions, terms = evaluate_elbo(model, test_images, args.seed, posterior)
-    metrics["test_elbo"] = float(-np.mean(sum(terms.values())))
+    metrics["test_elbo"] = float(np.mean(elbo(terms)))
     metrics.update({f"test_{name}": float(np.mean(values)) for name, values in terms.items()})
     class_names = DATASETS[args.dataset][2]
     named_classes = None if args.dataset == "mnist" else class_names  # digits label themselves
@@ -749,7 +802,7 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
 
 
 def print_summary(title, metrics, results_dir):
-    print(f"\n{title}: {metrics['epochs']} epochs, results in {results_dir}/")
+    print(f"\n{title}: {count_of(metrics['epochs'], 'epoch')}, results in {results_dir}/")
     shown = ["final_train_loss", "final_test_loss", "test_elbo",
              *(f"test_{name}" for name in LOSS_TERMS), "test_log_likelihood_iw",
              *(f"{metric}_{kind}_{images}" for kind in fid.FEATURE_KINDS
@@ -769,7 +822,7 @@ def print_summary(title, metrics, results_dir):
 # The run, and main
 # ----------------------------------------------------------------------------------------------
 
-def run(args, architecture, run_defining):
+def run(args, architecture, run_defining, resume_command):
     """Check, load, train (or resume), evaluate: every output lands in args.results_dir."""
     results_dir, state = check_results_dir(args, run_defining)
     if state and (args.resume or args.evaluate_only):
@@ -781,6 +834,7 @@ def run(args, architecture, run_defining):
     x_train, _, x_test, y_test = dataset
     x_train = to_float_images(x_train[:args.train_size])
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
+    check_evaluation_needs(args, architecture, x_test.shape)
     inception, inception_error = prepare_inception(args)
     xla = architecture.xla and len(x_train) >= XLA_MIN_BATCHES * args.batch_size
 
@@ -796,15 +850,15 @@ def run(args, architecture, run_defining):
             model = restore_checkpoint(results_dir, state)
             print(f"resuming from epoch {state['epochs_done']} of {args.epochs}"
                   if state["epochs_done"] < args.epochs else
-                  f"training finished ({state['epochs_done']} epochs) but its evaluation did not: "
-                  "completing it")
+                  f"training finished ({count_of(state['epochs_done'], 'epoch')}) but its "
+                  "evaluation did not: completing it")
         else:
             model = build_model(args, architecture, x_train.shape[1:],
                                 math.ceil(len(x_train) / args.batch_size))
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args, xla)
         tracker = train(model, args, architecture, figure_title, results_dir, x_train, x_test,
-                        state)
+                        state, resume_command)
         history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
     if (results_dir / PROGRESS_FRAMES).is_file():  # also drawn again by --evaluate-only
@@ -815,7 +869,7 @@ def run(args, architecture, run_defining):
 
     metrics = {"model": title, "epochs": len(seconds_per_epoch), "config": run_config(args),
                "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-               "versions": library_versions(),
+               "versions": library_versions(), "machine": machine_record(),
                "seconds_per_epoch": [round(s, 3) for s in seconds_per_epoch]}
     if history:
         for name in (name for name in history if name.endswith("loss") and "val_" not in name):
@@ -827,10 +881,19 @@ def run(args, architecture, run_defining):
     print_summary(title, metrics, results_dir)
 
 
+def command_to_resume(architecture, argv):
+    """The command line of this run with --resume: the same interpreter, script and options
+    (--data, the evaluation's), so that it can be pasted as it is."""
+    once = ("--resume", "--overwrite", "--from-previous-checkpoint")
+    return shlex.join([sys.executable, architecture.script,
+                       *(arg for arg in argv if arg not in once), "--resume"])
+
+
 def main(argv=None, architecture=None):
     """Parse, run, and turn every failure into one line and an exit code: 2 for bad input (found
     before any work is lost), 1 for a failed run, 130 for an interrupt."""
     architecture = architecture or DENSE
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser, architecture_options = build_parser(architecture)
     args = parser.parse_args(argv)
     if args.model and not args.evaluate_only:
@@ -841,10 +904,12 @@ def main(argv=None, architecture=None):
         parser.error("choose one of --resume, --overwrite and --evaluate-only")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill checkpoints too
     run_defining = {key: parser.get_default(key) for key in RUN_DEFINING + architecture_options}
+    refused = False
     try:
-        run(args, architecture, run_defining)
+        run(args, architecture, run_defining, command_to_resume(architecture, argv))
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        refused = True
         return EXIT_USAGE
     except RunFailed as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -853,7 +918,7 @@ def main(argv=None, architecture=None):
         print(f"\ninterrupted: {e or 'the checkpoints and outputs already written are intact'}")
         return EXIT_INTERRUPTED
     finally:
-        release_results_dirs()
+        release_results_dirs(refused)
     return 0
 
 
@@ -971,6 +1036,7 @@ def check_results_dir(args, run_defining):
     a model, such as the examples committed in results/, are replaced. Returns (directory, the
     checkpoint's state or None)."""
     results_dir = Path(args.results_dir)
+    created = [folder for folder in (results_dir, *results_dir.parents) if not folder.exists()]
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
         probe = results_dir / ".write-test"
@@ -978,7 +1044,7 @@ def check_results_dir(args, run_defining):
         probe.unlink()
     except OSError as e:
         raise UsageError(f"{results_dir}: not writable ({e.strerror})") from None
-    lock_results_dir(results_dir)
+    lock_results_dir(results_dir, created)
     if args.overwrite:
         for old in [results_dir / "metrics.json", results_dir / CHECKPOINT_STATE,
                     results_dir / PREVIOUS_CHECKPOINT_STATE, results_dir / PROGRESS_FRAMES,
@@ -1002,7 +1068,7 @@ def check_results_dir(args, run_defining):
         return results_dir, state
     if (results_dir / "model.keras").is_file() or state:
         what = ("a finished run" if (results_dir / "model.keras").is_file() else
-                f"an interrupted run ({state['epochs_done']} epochs)")
+                f"an interrupted run ({count_of(state['epochs_done'], 'epoch')})")
         raise UsageError(f"{results_dir} holds {what}: use --resume to continue it, "
                          "--evaluate-only to re-evaluate it, or --overwrite to replace it")
     if (results_dir / "metrics.json").is_file():  # e.g. the examples committed in results/
@@ -1011,17 +1077,20 @@ def check_results_dir(args, run_defining):
     return results_dir, None
 
 
-_held_locks = {}  # results directory -> the open lock file, held until the process ends
+_held_locks = {}  # results directory -> (open lock file, folders and lock file it created)
 
 
-def lock_results_dir(results_dir):
+def lock_results_dir(results_dir, created=()):
     """An exclusive lock on <results-dir>/run.lock, naming this process: a second run into the
     same directory is refused. The kernel releases it when the process ends, killed or not, so an
-    interrupted run's directory is free to resume."""
+    interrupted run's directory is free to resume. created: the folders this run made, which
+    release_results_dirs removes again when the run is refused."""
     key = results_dir.resolve()
     if key in _held_locks:
         return
-    handle = open(results_dir / LOCK_FILE, "a+")
+    lock = results_dir / LOCK_FILE
+    made = [*([] if lock.exists() else [lock]), *created]  # to remove in this order
+    handle = open(lock, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1033,13 +1102,21 @@ def lock_results_dir(results_dir):
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    _held_locks[key] = handle
+    _held_locks[key] = handle, made
 
 
-def release_results_dirs():
-    """Let later runs of this process (tests, notebooks) take the directories again."""
+def release_results_dirs(refused=False):
+    """Let later runs of this process (tests, notebooks) take the directories again. A refused
+    run (bad input, found before training) leaves nothing new behind: the lock file and folders
+    it made go, unless something else has been written there."""
     while _held_locks:
-        _held_locks.popitem()[1].close()
+        handle, made = _held_locks.popitem()[1]
+        handle.close()
+        for path in made if refused else ():
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:  # a folder that holds something else
+                break
 
 
 def check_resume(args, state, results_dir, run_defining):
@@ -1058,8 +1135,9 @@ def check_resume(args, state, results_dir, run_defining):
                          f"epoch {state['config']['epochs']}; resume with --epochs "
                          f"{state['config']['epochs']}")
     if state["epochs_done"] >= args.epochs and (results_dir / "metrics.json").is_file():
-        raise UsageError(f"{results_dir}: already trained {state['epochs_done']} epochs and "
-                         "evaluated; pass a larger --epochs, or use --evaluate-only")
+        raise UsageError(f"{results_dir}: already trained "
+                         f"{count_of(state['epochs_done'], 'epoch')} and evaluated; pass a larger "
+                         "--epochs, or use --evaluate-only")
 
 
 def run_config(args):
@@ -1069,6 +1147,34 @@ def run_config(args):
                              "model")}
     config["data"] = None if args.data is None else Path(args.data).name
     return config
+
+
+def check_evaluation_needs(args, architecture, test_shape):
+    """What the model and the evaluation will need of the data and the options, checked before
+    the first epoch, so that a run that cannot finish is refused instead of failing after
+    training."""
+    count, height, width = test_shape[:3]
+    multiple = architecture.image_side_multiple
+    if height % multiple or width % multiple:
+        raise UsageError(f"{architecture.script} needs image sides that are multiples of "
+                         f"{multiple}, got {height}x{width} images")
+    if "classifier" in args.fid and min(height, width) < fid.MIN_CLASSIFIER_IMAGE_SIDE:
+        raise UsageError(f"the classifier FID needs images of at least "
+                         f"{fid.MIN_CLASSIFIER_IMAGE_SIDE}x{fid.MIN_CLASSIFIER_IMAGE_SIDE} "
+                         f"pixels, got {height}x{width}: leave classifier out of --fid")
+    needed = fid.fewest_images(args.fid) if args.fid else 2  # 2: pairs to interpolate between
+    metrics = f"--fid {','.join(args.fid)}" if args.fid else "the evaluation"
+    if count < needed:
+        raise UsageError(f"the test set holds {count_of(count, 'image')}; {metrics} needs at "
+                         f"least {needed} (--test-size, or a larger x_test)")
+    if args.fid and args.fid_samples < needed:
+        raise UsageError(f"--fid-samples {args.fid_samples}: {metrics} needs at least {needed} "
+                         "prior samples (--fid none skips the FIDs)")
+
+
+def count_of(number, noun):
+    """'1 image', '2 images'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def prepare_inception(args):
@@ -1182,6 +1288,41 @@ class TrainingState(keras.callbacks.Callback):
         return plot_utils.progress_frame(self.watch_images, decoded[:count], decoded[count:])
 
 
+class BatchProgress(keras.callbacks.Callback):
+    """Keras' progress bar, counting the batches of the epoch whatever fit's steps are (on the
+    grouped data path a step is a group of batches_per_step batches, then the smaller last batch
+    alone: make_datasets). Under CI, one line per epoch, as Keras' verbose=2."""
+
+    def __init__(self, num_images, batch_size, batches_per_step):
+        super().__init__()
+        self.full_batches, remainder = divmod(num_images, batch_size)
+        self.total = self.full_batches + (remainder > 0)
+        self.full_groups = math.ceil(self.full_batches / batches_per_step)
+        self.batches_per_step = batches_per_step
+        self.verbose = 2 if os.environ.get("CI") else 1
+        self.bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.params["epochs"] > 1:
+            print(f"Epoch {epoch + 1}/{self.params['epochs']}")
+        self.bar = None
+
+    def on_train_batch_end(self, step, logs=None):
+        done = (min((step + 1) * self.batches_per_step, self.full_batches)
+                if step < self.full_groups else self.total)
+        self.show(done, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.show(self.total, logs, finalize=True)
+
+    def show(self, done, logs, finalize=False):
+        logs = logs or {}
+        if self.bar is None:  # the logs are running values, shown as they come
+            self.bar = keras.utils.Progbar(self.total, verbose=self.verbose, unit_name="batch",
+                                           stateful_metrics={*logs, *(f"val_{k}" for k in logs)})
+        self.bar.update(done, values=list(logs.items()), finalize=finalize)
+
+
 def random_states(model):
     """The state of each random generator in the model (sampling, dropout, binarization). A .keras
     file leaves them out, so the checkpoint keeps them: a resumed run goes on with fresh noise
@@ -1210,6 +1351,15 @@ def read_checkpoint(results_dir, name=CHECKPOINT_STATE):
     except (ValueError, KeyError) as e:
         raise UsageError(f"{path}: unusable checkpoint ({e}); "
                          "use --overwrite to start again") from None
+
+
+def checkpointed_epochs(results_dir):
+    """The epochs of the checkpoint on disk (what a message may promise is saved), 0 if none."""
+    try:
+        state = read_checkpoint(results_dir)
+    except UsageError:
+        return 0
+    return state["epochs_done"] if state else 0
 
 
 def restore_checkpoint(results_dir, state):
@@ -1350,6 +1500,26 @@ class ProgressAfterWarmup:
             print(f"{self.what}:")
             self.bar = keras.utils.Progbar(self.total, unit_name="image")
         self.bar.update(done)
+
+
+def machine_record():
+    """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU and
+    differ in late digits across kinds (oneDNN picks other kernels for AVX2, AVX-512 and AMX), so
+    every metrics.json says which made it."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    isa = next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "isa": isa, "cores": cores,
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or cores,
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or cores}
 
 
 def library_versions():

@@ -75,10 +75,19 @@ def manifold(metrics, names=("precision", "recall", "density", "coverage"), imag
     return " / ".join(number(metrics[key], 3) for key in keys) if keys[0] in metrics else "—"
 
 
+def cpu(metrics, model=False):
+    """The CPU kind that made the run (avx2, avx512, amx: float32 results differ across kinds in
+    their late digits), after its model name with model=True."""
+    machine = metrics.get("machine")
+    if machine is None:
+        return "—"
+    return f"{machine['cpu']} ({machine['isa']})" if model else machine["isa"]
+
+
 def readme_table():
     rows = ["| run | pixel FID, reconstructions (original) | classifier FID, samples | "
-            "KID, samples | coverage, samples | test ELBO | log p(x) | command |",
-            "|---|---|---|---|---|---|---|---|"]
+            "KID, samples | coverage, samples | test ELBO | log p(x) | CPU | command |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for folder, label in RUNS:
         m = load_metrics(folder)
         script = command(m, folder).split()[1]
@@ -88,20 +97,20 @@ def readme_table():
                     f"{manifold(m, ('coverage',))} | "
                     f"{number(m['test_elbo'])} | "
                     f"{number(m.get('test_log_likelihood_iw'))} (K={m.get('iw_samples', '—')}) | "
-                    f"`{command(m, folder)}` |")
+                    f"{cpu(m)} | `{command(m, folder)}` |")
     return "\n".join(rows)
 
 
 def committed_runs_table():
-    rows = ["| folder | seed | epochs | K | training (s) | evaluation (s) "
+    rows = ["| folder | CPU | seed | epochs | K | training (s) | evaluation (s) "
             "| pixel FID recon / samples | classifier FID recon / samples | test ELBO | log p(x) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     manifold_rows = ["| folder | images | KID | precision / recall / density / coverage |",
                      "|---|---|---|---|"]
     for folder, _ in RUNS:
         m = load_metrics(folder)
         rows.append(
-            f"| `results/{folder}` | {m['config']['seed']} | {m['epochs']} "
+            f"| `results/{folder}` | {cpu(m, model=True)} | {m['config']['seed']} | {m['epochs']} "
             f"| {m.get('iw_samples', '—')} "
             f"| {sum(m['seconds_per_epoch']):.0f} | {number(m.get('evaluation_seconds'), 0)} "
             f"| {number(m['fid_pixel_recon'])} / {number(m['fid_pixel_samples'])} "

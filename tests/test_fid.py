@@ -2,6 +2,7 @@
 random weights, CLI."""
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -661,34 +662,34 @@ def test_cli_inception_with_a_weights_file(random_inception, random_weights_file
                                    atol=1e-4 * np.abs(expected.sigma).max())
 
 
-def test_cli_classifier_fid_uses_the_cached_classifier_or_a_file(tiny_labelled_digits, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_cli_classifier_fid_uses_mnists_committed_classifier_unless_one_is_named(tiny_labelled_digits, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A classifier of other data in the cache (one vae.py trained) is not picked up: the default is
+    MNIST's committed one, whose FIDs compare with the committed runs'; another is used when named."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     sets = [tmp_path / "a.npz", tmp_path / "b.npz"]
     np.savez(sets[0], tiny_labelled_digits[2][:64])
     np.savez(sets[1], images=tiny_labelled_digits[2][64:])
-    [committed] = fid.COMMITTED_CLASSIFIERS.glob("classifier-*.keras")  # MNIST's: used when the cache is empty
+    foreign = fid.load_or_train_classifier(*tiny_labelled_digits, verbose=False)  # cached, newest
+    [committed_file] = fid.COMMITTED_CLASSIFIERS.glob("classifier-*.keras")
+    committed = fid.load_classifier(committed_file)
+    expected = {name: fid.frechet_distance(fid.classifier_statistics(tiny_labelled_digits[2][:64], network),
+                                           fid.classifier_statistics(tiny_labelled_digits[2][64:], network))
+                for name, network in (("committed", committed), ("foreign", foreign))}
+    assert f"{expected['committed']:.4f}" != f"{expected['foreign']:.4f}"
     code, out, err = run_main(["--features", "classifier", *sets], capsys)
-    assert code == 0 and f"fid: using classifier {committed}" in err and "test accuracy 99.22%" in err
+    assert (code, out) == (0, f"FID (classifier): {expected['committed']:.4f}\n"), err
+    assert f"fid: using MNIST's committed classifier {committed_file}" in err and "test accuracy 99.22%" in err
+
+    [saved] = (tmp_path / "cache").rglob("classifier-*.keras")
+    code, out, err = run_main(["--features", "classifier", "--classifier", saved, *sets], capsys)
+    assert (code, out) == (0, f"FID (classifier): {expected['foreign']:.4f}\n") and "committed" not in err
+    code, out, err = run_main(["--features", "classifier", "--classifier", tmp_path / "absent.keras", *sets], capsys)
+    assert code == 2 and "no such classifier file" in err
     monkeypatch.setattr(fid, "COMMITTED_CLASSIFIERS", tmp_path / "none-committed")
     code, out, err = run_main(["--features", "classifier", *sets], capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "no cached digit classifier" in err and "--classifier PATH" in err
-
-    classifier = fid.load_or_train_classifier(*tiny_labelled_digits, verbose=False)
-    expected = fid.frechet_distance(fid.classifier_statistics(tiny_labelled_digits[2][:64], classifier),
-                                    fid.classifier_statistics(tiny_labelled_digits[2][64:], classifier))
-    code, out, err = run_main(["--features", "classifier", *sets], capsys)
-    assert (code, out) == (0, f"FID (classifier): {expected:.4f}\n")
-    assert "the newest cached" in err and f"test accuracy {classifier.test_accuracy:.2%}" in err
-
-    [saved] = (tmp_path / "cache").rglob("classifier-*.keras")
-    copy = tmp_path / "mine.keras"
-    copy.write_bytes(saved.read_bytes())
-    code, out, err = run_main(["--features", "classifier", "--classifier", copy, *sets], capsys)
-    assert (code, out) == (0, f"FID (classifier): {expected:.4f}\n") and "newest cached" not in err
-    code, out, err = run_main(["--features", "classifier", "--classifier", tmp_path / "absent.keras", *sets], capsys)
-    assert code == 2 and "no such classifier file" in err
+    assert "no classifier committed" in err and "--classifier PATH" in err
 
 
 def test_cli_kid_and_prdc_on_the_same_features(image_files, capsys):
@@ -782,3 +783,41 @@ def test_cli_as_a_real_process(image_files):
     assert failure.returncode == 2 and "Traceback" not in failure.stderr
     # TensorFlow's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL; ours is the single last line.
     assert failure.stderr.splitlines()[-1] == "fid.py: error: no such file or folder: missing.npz"
+
+
+def test_cli_inception_offline_names_the_feature_kinds_that_need_no_download(image_files, monkeypatch, capsys):
+    def offline(weights):
+        raise fid.InceptionUnavailable(f"cannot load Inception weights {weights!r}: URL fetch failure")
+    monkeypatch.setattr(fid, "load_inception", offline)
+    code, out, err = run_main([image_files.a_npz, image_files.b_npz], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "URL fetch failure" in err and "--features classifier or --features pixel" in err
+
+
+# TensorFlow's start-up lines on a CPU-only machine, verbatim (before its logging starts).
+TENSORFLOW_STARTUP = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796541333.062026    8807 port.cc:153] oneDNN custom operations are on. You may see slightly "
+    "different numerical results due to floating-point round-off errors from different computation orders. To turn "
+    "them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.",
+    "I0000 00:00:1796541333.062242    8807 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
+    "not be used.",
+    "I0000 00:00:1796541333.143386    8807 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use "
+    "available CPU instructions in performance-critical operations.",
+    "To enable the following instructions: AVX2 AVX512F AVX512_VNNI AVX512_BF16 AVX512_FP16 AVX_VNNI AMX_TILE "
+    "AMX_INT8 AMX_BF16 FMA, in other operations, rebuild TensorFlow with the appropriate compiler flags.",
+    "E0000 00:00:1796541338.276227    8807 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed "
+    "call to cuInit: UNKNOWN ERROR (303)",
+]
+
+
+def test_tensorflow_startup_lines_are_dropped_and_every_other_line_shows(capfd):
+    """At the file descriptor, where TensorFlow's C++ writes: an error printed among the start-up
+    lines still shows, in its place."""
+    errors = ["E0000 00:00:1796541338.300000    8807 op_kernel.cc:1857] OP_REQUIRES failed at xla_ops.cc: INTERNAL",
+              "Traceback (most recent call last):", "oneDNN custom operations are on, said by someone else"]
+    with fid.stderr_without(fid.TENSORFLOW_STARTUP_LINES):
+        for line in [*TENSORFLOW_STARTUP[:3], errors[0], *TENSORFLOW_STARTUP[3:], *errors[1:]]:
+            os.write(2, f"{line}\n".encode())
+    assert capfd.readouterr().err.splitlines() == errors
+

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -353,9 +354,10 @@ def test_tuning_csv_goes_through_a_study_unchanged_and_its_report_is_the_committ
     assert code == 0 and f"{len(rows)} run(s)" in out
     code, out, _ = run_sweep("--study", "tuning", *storage, "--import-csv", tuning)
     assert code == 0 and "0 run(s)" in out  # no run twice
-    code, out, _ = run_sweep("--study", "tuning", *storage, "--report")
-    assert code == 0 and sweep.report_table(study) in out
-    assert "best vae.py: `python vae.py --iw-samples 100 --hidden-dim 512 --hidden-layers 3`" in out
+    code, out, _ = run_sweep("--study", "tuning", *storage, "--report", "--", "--data", "my data.npz")
+    assert code == 0 and sweep.report_table(study) in out  # the best command, complete, to paste:
+    assert (f"best vae.py: `{shlex.quote(sys.executable)} vae.py --iw-samples 100 --hidden-dim 512 --hidden-layers 3 "
+            "--data 'my data.npz'`") in out
     # A study's export replaces its own rows, keeps others.
     partial = tmp_path / "partial.csv"
     with open(partial, "w", newline="") as f:

@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,23 @@ def test_loss_terms_match_hand_computed_values():
     assert float(vae.kl_divergence(z_mean, z_log_var)[0]) == pytest.approx(kl, rel=1e-6)
 
 
+def test_a_regulariser_trains_but_stays_out_of_the_elbo(monkeypatch):
+    """A term that is not part of the ELBO (here an L2 penalty on the posterior means) joins the
+    training loss, history and metrics, but the test ELBO stays the model's."""
+    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="relu")
+    model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
+    x = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+    _, terms = vae.evaluate_elbo(model, x, seed=0)
+    penalty = vae.LossTerm(lambda z_mean, **_: 5.0 * keras.ops.sum(keras.ops.square(z_mean), axis=-1), in_elbo=False)
+    monkeypatch.setitem(vae.LOSS_TERMS, "l2", penalty)
+    total, batch_terms = model.objective(x, training=False)
+    assert float(total) == pytest.approx(sum(float(value) for value in batch_terms.values()), rel=1e-6)
+    _, regularised = vae.evaluate_elbo(model, x, seed=0)
+    assert np.all(regularised["l2"] > 0) and set(regularised) == {"reconstruction", "kl", "l2"}
+    np.testing.assert_array_equal(vae.elbo(regularised), vae.elbo(terms))
+    np.testing.assert_array_equal(vae.elbo(terms), -(terms["reconstruction"] + terms["kl"]))
+
+
 def test_gaussian_constant_turns_squared_error_into_a_density():
     assert vae.log_likelihood_constant(784, "gaussian") == pytest.approx(392 * math.log(math.pi))
     x, x_hat = np.array([0.3, 0.9]), np.array([0.5, 0.4])
@@ -255,7 +273,8 @@ def test_cosine_schedule_survives_an_interrupt_and_resume_and_cannot_be_extended
     with monkeypatch.context() as patch:
         interrupt_after_epochs(patch, 2)
         interrupted = run_main("vae.py", *common)
-    assert interrupted.returncode == 130 and "--resume --epochs 10" in interrupted.stdout
+    assert interrupted.returncode == 130  # the command to paste: interpreter, every option, --resume
+    assert f"resume with: {shlex.join([sys.executable, 'vae.py', *common, '--resume'])}\n" in interrupted.stdout
     assert not (tmp_path / "model.keras").exists()
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     checkpoint = vae.load_saved_model(tmp_path / state["model_file"])
@@ -552,7 +571,43 @@ def test_bad_paths_exit_2_before_training(capsys, tmp_path, tiny_mnist):
         assert vae.main(list(map(str, args))) == 2
         stderr = capsys.readouterr().err
         assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
-    assert not (out / "checkpoint.json").exists()
+        assert not out.exists(), "a refused run left its results directory behind"
+
+
+@pytest.mark.parametrize("script, change, message", [
+    ("vae.py", dict(side=5), "the classifier FID needs images of at least 10x10 pixels, got 5x5: leave classifier out of --fid"),
+    ("conv_vae.py", dict(side=30), "conv_vae.py needs image sides that are multiples of 4, got 30x30 images"),
+    ("vae.py", dict(test=1), "the test set holds 1 image; --fid pixel,classifier needs at least 6 (--test-size"),
+    ("vae.py", dict(test=1, args=["--fid", "none"]), "the test set holds 1 image; the evaluation needs at least 2"),
+    ("vae.py", dict(args=["--fid-samples", "1"]), "--fid-samples 1: --fid pixel,classifier needs at least 6 prior samples"),
+    ("vae.py", dict(args=["--fid-samples", "1", "--fid", "pixel"]), "--fid-samples 1: --fid pixel needs at least 2 prior samples"),
+])
+def test_what_the_evaluation_cannot_do_is_refused_before_training(tmp_path, script, change, message):
+    """Image sizes, test-set and sample counts that the model or a metric cannot take: one line,
+    exit 2, before the first epoch, and nothing left on disk."""
+    side, test = change.get("side", 28), change.get("test", 16)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16 + test, side, side), dtype=np.uint8)
+    np.savez(tmp_path / "data.npz", x_train=images[:16], y_train=np.arange(16) % 10,
+             x_test=images[16:], y_test=np.arange(test) % 10)
+    out = tmp_path / "new" / "run"
+    result = run_main(script, "--data", tmp_path / "data.npz", "--results-dir", out, "--epochs", "1",
+                      *change.get("args", []))
+    [line] = error_lines(result.stderr)
+    assert result.returncode == 2 and line.startswith(f"{script}: error: {message}") and "Epoch" not in result.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_prints_no_tensorflow_startup_lines(tmp_path, tiny_mnist):
+    """A new process is the point: TensorFlow prints them at its first import and device start."""
+    from test_fid import TENSORFLOW_STARTUP
+
+    result = subprocess.run([sys.executable, "vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", "1",
+                             "--fid", "pixel", "--iw-samples", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert not [line for line in TENSORFLOW_STARTUP if line.split("] ")[-1][:40] in output]
+    assert "absl" not in output and "I0000" not in output and "final_train_loss" in output
 
 
 def test_a_bad_file_fails_before_training_without_a_traceback(tmp_path):
@@ -561,7 +616,7 @@ def test_a_bad_file_fails_before_training_without_a_traceback(tmp_path):
     result = run_main("vae.py", "--data", tmp_path / "bad.npz", "--results-dir", tmp_path / "out")
     assert result.returncode == 2 and time.perf_counter() - start < 10
     assert error_lines(result.stderr) == [f"vae.py: error: {tmp_path / 'bad.npz'}: not an .npz file (not a zip archive)"]
-    assert [path.name for path in (tmp_path / "out").iterdir()] == ["run.lock"]  # nothing trained
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing left
 
 
 # ----------------------------------------------------------------------------------------------
@@ -704,7 +759,7 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     stdout, _ = process.communicate(timeout=120)
     if sig == signal.SIGINT:
         assert process.returncode == 130, stdout[-3000:]
-        assert "--resume --epochs 100" in stdout
+        assert f"resume with: {shlex.join([sys.executable, 'vae.py', *args[2:], '--resume'])}" in stdout
     else:
         assert process.returncode == -signal.SIGKILL
     assert not (tmp_path / "metrics.json").exists()
@@ -746,6 +801,10 @@ def test_resumed_run_learns_exactly_what_an_unbroken_run_learns(finished_run, tm
     unbroken = json.loads((finished_run[0] / "checkpoint.json").read_text())["history"]
     resumed = json.loads((tmp_path / "checkpoint.json").read_text())["history"]
     assert resumed == unbroken  # weights, optimizer, random streams and the data order all carry over
+    for a, b in zip(*(vae.load_saved_model(folder / "model.keras").get_weights() for folder in (finished_run[0], tmp_path))):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["loss"] == [r + k for r, k in zip(np.float32(resumed["reconstruction_loss"]),
+                                                     np.float32(resumed["kl_loss"]))]  # the sum of its terms
 
 
 def test_resume_extends_a_finished_run_and_keeps_its_configuration(finished_run, tmp_path, tiny_mnist):
@@ -869,9 +928,11 @@ def test_full_disk_keeps_the_last_checkpoint_and_no_partial_file(monkeypatch, tm
 
     monkeypatch.setattr(vae.VAE, "save", save_until_disk_is_full)
     assert vae.main(list(map(str, ["--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "3"]))) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "No space left on device" in error
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     assert state["epochs_done"] == 1 and (tmp_path / state["model_file"]).is_file()
+    assert "the last complete one (1 epoch) is intact" in error  # what is on disk, not epoch 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch1.keras", "checkpoint.json", "history.csv",
                                                          "loss_curves.png", "progress_frames.npy", "run.lock"]
 
