@@ -57,6 +57,52 @@ NEAREST_NEIGHBOURS = 5  # k of precision / recall / density / coverage (see thei
 # ---- Shared helpers: command line, I/O, network calls (vae.py and conv_vae.py use them too) ----
 
 
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """How to read one number of a run's metrics.json: which way is better, its decimals in the
+    printed summary and in tables, its unit, its name in a table's header."""
+
+    higher_is_better: bool
+    digits: int
+    table_digits: int
+    unit: str
+    label: str
+
+
+MANIFOLD_METRICS = {"precision": "of generated images", "recall": "of test images",
+                    "density": "", "coverage": "of test images"}  # and what each is a share of
+
+
+def run_metrics():
+    """The metrics a run reports, by metrics.json key, in the printed summary's order: the one
+    declaration that vae.py's summary, sweep.py's objectives and reports, and the results tables
+    read. (Per loss term, vae.py adds test_<term> in nats.)"""
+    metrics = {
+        "fid_pixel_recon": Metric(False, 3, 2, "", "pixel FID recon"),
+        "test_elbo": Metric(True, 3, 2, "nats per image", "test ELBO"),
+        "test_log_likelihood_iw": Metric(True, 3, 2, "nats per image", "log p(x)"),
+        "final_train_loss": Metric(False, 3, 2, "per image, as trained", "train loss"),
+        "final_test_loss": Metric(False, 3, 2, "per image, as trained", "test loss"),
+    }
+    for kind in FEATURE_KINDS:
+        for images in ("recon", "samples"):
+            fid_digits = 2 if kind == "pixel" else 1
+            metrics.setdefault(f"fid_{kind}_{images}",
+                               Metric(False, 3, fid_digits, "", f"{kind} FID {images}"))
+            if kind == "pixel":
+                continue
+            metrics[f"kid_{kind}_{images}"] = Metric(False, 5, 2, "", f"{kind} KID {images}")
+            for name, share in MANIFOLD_METRICS.items():
+                metrics[f"{name}_{kind}_{images}"] = Metric(True, 3, 3, share,
+                                                            f"{kind} {name} {images}")
+    metrics["classifier_test_accuracy"] = Metric(True, 4, 4, "of test images",
+                                                 "classifier accuracy")
+    return metrics
+
+
+RUN_METRICS = run_metrics()
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts and sizes: 0 or less fails at parse time, with the usage line."""
     value = int(text)

@@ -78,9 +78,10 @@ def total_title(history):
     return f"total (KL weight {weights})"
 
 
-def loss_curves(history, title="VAE"):
+def loss_curves(history, title="VAE", unit="loss per image"):
     """Train and test loss per epoch, one panel per term of LOSS_PANELS in history, since the KL
-    term is an order of magnitude smaller than the total and would look flat on a shared axis."""
+    term is an order of magnitude smaller than the total and would look flat on a shared axis.
+    unit: the y axis' label."""
     panels = {key: name for key, name in LOSS_PANELS.items() if key in history}
     fig = _new_figure(2.4 * len(panels), 2.8)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -99,7 +100,7 @@ def loss_curves(history, title="VAE"):
         ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False)  # same colours in every panel
-    axes[0].set_ylabel("loss per image")
+    axes[0].set_ylabel(unit)
     fig.suptitle(f"{title}: loss per epoch")
     return fig
 
@@ -259,18 +260,24 @@ def progress_frame(originals, reconstructions, samples, columns=10):
     return np.round(255 * np.clip(_tile(cells, ncols=columns, gap=2), 0, 1)).astype(np.uint8)
 
 
-def progress_animation(frames, scale=2):
+def progress_animation(frames, row_labels=(), scale=2):
     """The frames of every epoch as PIL images (each labelled "epoch N", enlarged scale times),
-    ready to be saved as one animated GIF."""
+    ready to be saved as one animated GIF. row_labels: one per row of progress_frame's grid, set
+    in a margin on the left."""
     from PIL import Image, ImageDraw
 
+    margin = 6 * max(map(len, row_labels), default=0) + 8 * bool(row_labels)  # 6 px a character
     images = []
     for epoch, frame in enumerate(frames, start=1):
         height, width = frame.shape
-        image = Image.new("L", (width * scale, height * scale + 16), 0)
+        image = Image.new("L", (margin + width * scale, height * scale + 16), 0)
         enlarged = Image.fromarray(frame).resize((width * scale, height * scale), Image.NEAREST)
-        image.paste(enlarged, (0, 16))
-        ImageDraw.Draw(image).text((4, 2), f"epoch {epoch}", fill=255)
+        image.paste(enlarged, (margin, 16))
+        draw = ImageDraw.Draw(image)
+        draw.text((4, 2), f"epoch {epoch}", fill=255)
+        row_height = height * scale / max(len(row_labels), 1)
+        for row, label in enumerate(row_labels):
+            draw.text((4, 16 + (row + 0.5) * row_height - 5), label, fill=255)
         images.append(image)
     return images
 

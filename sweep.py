@@ -50,12 +50,6 @@ import sqlalchemy
 
 import fid
 
-# The metrics a run's metrics.json may hold, and which way is better.
-MANIFOLD_METRICS = ("precision", "recall", "density", "coverage")
-HIGHER_IS_BETTER = ("test_elbo", "test_log_likelihood_iw", *MANIFOLD_METRICS)
-OBJECTIVES = ("test_elbo", "test_log_likelihood_iw", "final_test_loss",
-              *(f"{metric}_{kind}_{images}" for metric in ("fid", "kid", *MANIFOLD_METRICS)
-                for kind in fid.FEATURE_KINDS for images in ("recon", "samples")))
 DEFAULT_OBJECTIVE = "fid_pixel_recon"  # the original repository's metric
 PRUNING_LOSS = "val_loss"  # the column of history.csv reported each epoch: the test loss
 PRUNER_STARTUP_TRIALS = 5  # no pruning until this many trials completed (Optuna's default)
@@ -73,9 +67,7 @@ CSV_METRICS = ("fid_pixel_recon", "fid_pixel_samples", "fid_classifier_samples",
 CSV_COLUMNS = ("script", "flags", "seed", "epochs", *CSV_METRICS, "iw_samples", "train_seconds",
                "seconds")
 # The metrics the report shows beside the objective (whose range over seeds it shows too).
-REPORTED = {"fid_pixel_recon": "pixel FID recon",
-            "fid_classifier_samples": "classifier FID samples", "test_elbo": "test ELBO",
-            "test_log_likelihood_iw": "log p(x)"}
+REPORTED = ("fid_pixel_recon", "fid_classifier_samples", "test_elbo", "test_log_likelihood_iw")
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 # Optuna calls heartbeats and their retries experimental (since 2.8): they are what sweeps rely on.
@@ -98,7 +90,7 @@ class NothingQueued(Exception):
 
 
 def direction(metric):
-    return "maximize" if metric.startswith(HIGHER_IS_BETTER) else "minimize"
+    return "maximize" if fid.RUN_METRICS[metric].higher_is_better else "minimize"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +177,7 @@ def build_parser():
     parser.add_argument("--trials", type=fid.positive_int, default=20,
                         help="with a range in --space: configurations the study samples in all "
                              "(each run with every seed); a grid runs all its points")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+    parser.add_argument("--objective", choices=tuple(fid.RUN_METRICS), default=DEFAULT_OBJECTIVE,
                         metavar="METRIC", help="the metrics.json entry to optimize (its direction "
                                                "is known: FIDs down, ELBO up, ...)")
     parser.add_argument("--storage", help="an SQLAlchemy URL every worker shares, e.g. "
@@ -634,31 +626,27 @@ def median(trials, key):
     return statistics.median(values) if values else None
 
 
-def metric_digits(metric):
-    return 1 if metric.startswith("fid_classifier") or metric.startswith("fid_inception") else 2
-
-
 def report_table(study):
     """The markdown table of a study: one row per configuration, best median first."""
     objective = study.user_attrs["sweep"]["objective"]
     others = [metric for metric in REPORTED if metric != objective]
     sign = 1 if direction(objective) == "minimize" else -1
     header = ["script", "flags", "epochs", "seeds",
-              f"{REPORTED.get(objective, objective)}: median (range)",
-              *(REPORTED[metric] for metric in others), "training (s)", "run (s)"]
+              f"{fid.RUN_METRICS[objective].label}: median (range)",
+              *(fid.RUN_METRICS[metric].label for metric in others), "training (s)", "run (s)"]
     rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     groups = sorted(configurations(study).items(),
                     key=lambda group: sign * statistics.median(trial.value for trial in group[1]))
     for (script, flags), trials in groups:
         values = [trial.value for trial in trials]
-        digits = metric_digits(objective)
+        digits = fid.RUN_METRICS[objective].table_digits
         value = number(statistics.median(values), digits) + (
             f" ({number(min(values), digits)} to {number(max(values), digits)})"
             if len(values) > 1 else "")
         cells = [script, f"`{flags}`" if flags else "(defaults)", trials[0].user_attrs["epochs"],
                  ",".join(str(trial.user_attrs["seed"]) for trial in trials), value]
         for metric in others:
-            cells.append(number(median(trials, metric), metric_digits(metric)))
+            cells.append(number(median(trials, metric), fid.RUN_METRICS[metric].table_digits))
             if metric == "test_log_likelihood_iw" and median(trials, metric) is not None:
                 cells[-1] += f" (K={trials[0].user_attrs['iw_samples']})"
         cells += [number(median(trials, "train_seconds"), 0), number(median(trials, "seconds"), 0)]

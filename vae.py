@@ -497,9 +497,16 @@ def weighted_sum(terms, kl_weight):
     return sum(weighted[1:], start=weighted[0])
 
 
+def loss_unit(likelihood, image_shape):
+    """The loss curves' unit: the training loss is nats per image less the Gaussian decoder's
+    constant (log_likelihood_constant), which the original's squared error leaves out."""
+    constant = log_likelihood_constant(math.prod(image_shape), likelihood)
+    return f"nats per image − {constant:.1f}" if constant else "nats per image"
+
+
 def log_likelihood_constant(num_pixels, likelihood):
     """What turns the reconstruction error into true nats: squared error is -log N(x; x_hat, 1/2)
-    less 0.5 * log(pi) per pixel (392 * log(pi) = 448.8 nats for MNIST); cross-entropy needs
+    less 0.5 * log(pi) per pixel (392 * log(pi) = 448.7 nats for MNIST); cross-entropy needs
     nothing."""
     return 0.5 * num_pixels * math.log(math.pi) if likelihood == "gaussian" else 0.0
 
@@ -802,20 +809,25 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
 
 
 def print_summary(title, metrics, results_dir):
+    """The run's numbers (fid.RUN_METRICS, and each loss term's test value) with their units,
+    after a headline: the original repository's metric and the ELBO."""
     print(f"\n{title}: {count_of(metrics['epochs'], 'epoch')}, results in {results_dir}/")
-    shown = ["final_train_loss", "final_test_loss", "test_elbo",
-             *(f"test_{name}" for name in LOSS_TERMS), "test_log_likelihood_iw",
-             *(f"{metric}_{kind}_{images}" for kind in fid.FEATURE_KINDS
-               for images in ("recon", "samples")
-               for metric in ("fid", "kid", "precision", "recall", "density", "coverage")),
-             "classifier_test_accuracy"]
-    for key in shown:
-        if key in metrics:
-            value = metrics[key]
-            digits = 5 if key.startswith("kid") else 3  # KID in Inception features: a few thousandths
-            print(f"  {key:30s} {'null' if value is None else f'{value:.{digits}f}'}")
+    headline = {"fid_pixel_recon": "pixel FID of the reconstructions (the original's metric)",
+                "test_elbo": "test ELBO"}
+    print("  " + ", ".join(f"{label} {metrics[key]:.3f}" + (" nats per image" * (key == "test_elbo"))
+                           for key, label in headline.items() if metrics.get(key) is not None)
+          + "\n")
+    shown = {key: (metric.digits, metric.unit) for key, metric in fid.RUN_METRICS.items()}
+    terms = {f"test_{name}": (3, "nats per image") for name in LOSS_TERMS}
+    order = list(shown)
+    order[order.index("test_elbo") + 1:order.index("test_elbo") + 1] = terms
+    for key in order:
+        if key in metrics and key not in headline:
+            digits, unit = {**shown, **terms}[key]
+            value = "null" if metrics[key] is None else f"{metrics[key]:.{digits}f}"
+            print(f"  {key:30s} {value:>10s}  {unit}".rstrip())
     if metrics.get("seconds_per_epoch"):
-        print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):.2f}")
+        print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):10.2f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -864,7 +876,8 @@ def run(args, architecture, run_defining, resume_command):
     if (results_dir / PROGRESS_FRAMES).is_file():  # also drawn again by --evaluate-only
         save_progress_animation(results_dir)
     if history:
-        save_figure(plot_utils.loss_curves(history, title=figure_title),
+        save_figure(plot_utils.loss_curves(history, title=figure_title,
+                                           unit=loss_unit(args.likelihood, x_test.shape[1:])),
                     results_dir / "loss_curves.png")
 
     metrics = {"model": title, "epochs": len(seconds_per_epoch), "config": run_config(args),
@@ -1270,7 +1283,9 @@ class TrainingState(keras.callbacks.Callback):
         if not last_epoch and self.loss_curves_seconds <= LOSS_CURVES_SHARE * (
                 time.perf_counter() - self.loss_curves_drawn):
             start = time.perf_counter()
-            save_figure(plot_utils.loss_curves(self.history, title=self.title),
+            save_figure(plot_utils.loss_curves(
+                self.history, title=self.title,
+                unit=loss_unit(self.config["likelihood"], self.watch_images.shape[1:])),
                         self.results_dir / "loss_curves.png")
             self.loss_curves_drawn = time.perf_counter()
             self.loss_curves_seconds = self.loss_curves_drawn - start
@@ -1462,7 +1477,8 @@ def save_model(model, path):
 
 
 def save_progress_animation(results_dir):
-    images = plot_utils.progress_animation(read_frames(results_dir))
+    rows = ["test", "decoded", *["prior"] * math.ceil(WATCHED_SAMPLES / WATCHED_IMAGES)]
+    images = plot_utils.progress_animation(read_frames(results_dir), row_labels=rows)
     fid.atomic_write(results_dir / "progress.gif", lambda p: images[0].save(
         p, format="GIF", save_all=True, append_images=images[1:], duration=200, loop=0))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import fid  # noqa: E402
 import sweep  # noqa: E402
 from sweep import number  # noqa: E402
 
@@ -61,18 +62,23 @@ def command(metrics, folder):
     return " ".join(["python", architecture.script, *flags, "--results-dir", f"results/{folder}"])
 
 
+def shown(metrics, key):
+    """A metric as tables round it (fid.RUN_METRICS), a dash where the run has none."""
+    return number(metrics.get(key), fid.RUN_METRICS[key].table_digits)
+
+
 def kid(metrics, images="samples", std=True):
     """KID in the classifier's features (with its standard deviation over subsets)."""
     if f"kid_classifier_{images}" not in metrics:
         return "—"
-    mean = number(metrics[f"kid_classifier_{images}"])
+    mean = shown(metrics, f"kid_classifier_{images}")
     return f"{mean} ± {number(metrics[f'kid_classifier_{images}_std'])}" if std else mean
 
 
 def manifold(metrics, names=("precision", "recall", "density", "coverage"), images="samples"):
     """The k-NN manifold metrics in the classifier's features, joined by " / "."""
     keys = [f"{name}_classifier_{images}" for name in names]
-    return " / ".join(number(metrics[key], 3) for key in keys) if keys[0] in metrics else "—"
+    return " / ".join(shown(metrics, key) for key in keys) if keys[0] in metrics else "—"
 
 
 def cpu(metrics, model=False):
@@ -92,11 +98,11 @@ def readme_table():
         m = load_metrics(folder)
         script = command(m, folder).split()[1]
         original = ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist" else "—"
-        rows.append(f"| {label} | **{number(m['fid_pixel_recon'])}** ({original}) | "
-                    f"{number(m['fid_classifier_samples'], 1)} | {kid(m, std=False)} | "
+        rows.append(f"| {label} | **{shown(m, 'fid_pixel_recon')}** ({original}) | "
+                    f"{shown(m, 'fid_classifier_samples')} | {kid(m, std=False)} | "
                     f"{manifold(m, ('coverage',))} | "
-                    f"{number(m['test_elbo'])} | "
-                    f"{number(m.get('test_log_likelihood_iw'))} (K={m.get('iw_samples', '—')}) | "
+                    f"{shown(m, 'test_elbo')} | "
+                    f"{shown(m, 'test_log_likelihood_iw')} (K={m.get('iw_samples', '—')}) | "
                     f"{cpu(m)} | `{command(m, folder)}` |")
     return "\n".join(rows)
 
@@ -113,9 +119,9 @@ def committed_runs_table():
             f"| `results/{folder}` | {cpu(m, model=True)} | {m['config']['seed']} | {m['epochs']} "
             f"| {m.get('iw_samples', '—')} "
             f"| {sum(m['seconds_per_epoch']):.0f} | {number(m.get('evaluation_seconds'), 0)} "
-            f"| {number(m['fid_pixel_recon'])} / {number(m['fid_pixel_samples'])} "
-            f"| {number(m['fid_classifier_recon'], 1)} / {number(m['fid_classifier_samples'], 1)} "
-            f"| {number(m['test_elbo'])} | {number(m.get('test_log_likelihood_iw'))} |")
+            f"| {shown(m, 'fid_pixel_recon')} / {shown(m, 'fid_pixel_samples')} "
+            f"| {shown(m, 'fid_classifier_recon')} / {shown(m, 'fid_classifier_samples')} "
+            f"| {shown(m, 'test_elbo')} | {shown(m, 'test_log_likelihood_iw')} |")
         for images in ("recon", "samples"):
             manifold_rows.append(f"| `results/{folder}` | {images} | {kid(m, images)} "
                                  f"| {manifold(m, images=images)} |")

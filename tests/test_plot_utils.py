@@ -61,7 +61,7 @@ def as_float(text):
 
 @pytest.mark.parametrize("n_epochs", [1, 12])
 def test_loss_curves(tmp_path, n_epochs):
-    fig = plot_utils.loss_curves(history(n_epochs), title="Dense VAE")
+    fig = plot_utils.loss_curves(history(n_epochs), title="Dense VAE", unit="nats per image − 448.7")
     render(fig, tmp_path)
     assert "Dense VAE" in fig.get_suptitle()
     assert [ax.get_title() for ax in fig.axes] == [
@@ -69,7 +69,7 @@ def test_loss_curves(tmp_path, n_epochs):
         "reconstruction",
         "KL divergence",
     ]
-    assert "loss per image" == fig.axes[0].get_ylabel()
+    assert fig.axes[0].get_ylabel() == "nats per image − 448.7"
     for ax in fig.axes:
         assert ax.get_xlabel() == "epoch"
         assert len(ax.get_lines()) == 2  # train and test
@@ -295,3 +295,16 @@ def test_samples(tmp_path):
     assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
     rows, columns = ax.get_images()[0].get_array().shape
     assert rows == columns  # 10 x 10
+
+
+def test_progress_animation_labels_each_epoch_and_each_row():
+    rng = np.random.default_rng(0)
+    digits = rng.random((20, 28, 28))
+    frame = plot_utils.progress_frame(digits[:10], digits[:10], digits)
+    rows = ["test", "decoded", "prior", "prior"]
+    plain, labelled = (plot_utils.progress_animation([frame, frame], row_labels=labels) for labels in ((), rows))
+    assert len(labelled) == 2 and labelled[0].size == (plain[0].size[0] + 6 * 7 + 8, plain[0].size[1])
+    margin = np.asarray(labelled[0])[16:, :6 * 7 + 8]
+    bands = np.array_split(margin, len(rows))  # one label in each row's band
+    assert all(band.max() > 200 for band in bands)  # white text, antialiased
+    assert np.asarray(plain[0])[:16].max() > 200  # "epoch 1" above the grid

@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -664,7 +665,8 @@ def test_run_writes_every_output(finished_run):
     assert "kid_classifier_samples" in result.stdout and "coverage_classifier_samples" in result.stdout
     assert not any(key.endswith("_pixel_recon") and not key.startswith("fid") for key in metrics)
     assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
-    assert "fid_pixel_recon" in result.stdout and "Dense VAE: 2 epochs" in result.stdout
+    assert "Dense VAE: 2 epochs" in result.stdout and "pixel FID of the reconstructions (the original's metric)" in result.stdout
+    assert re.search(r"test_kl +[\d.]+  nats per image", result.stdout)  # units beside the numbers
 
 
 def test_saved_model_reloads_with_the_same_reconstructions(finished_run, tiny_mnist):
