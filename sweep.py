@@ -804,8 +804,10 @@ def run(args):
     print(f"[sweep] study {args.study} in {shown(storage_url(args))}: {state_counts(study)}",
           flush=True)
     work(args, study, storage)
-    report = shlex.join([sys.executable, "sweep.py", "--study", args.study, "--report",
-                         *(["--storage", shown(args.storage)] if args.storage else [])])
+    where = (["--storage", shown(args.storage)] if args.storage else
+             ["--sweeps-dir", args.sweeps_dir]
+             if args.sweeps_dir != build_parser().get_default("sweeps_dir") else [])
+    report = shlex.join([sys.executable, "sweep.py", "--study", args.study, "--report", *where])
     print(f"[sweep] study {args.study} done ({state_counts(study)}); its table: {report}")
 
 

@@ -288,6 +288,10 @@ def test_pruning_stops_a_run_worse_than_the_median_and_keeps_its_checkpoint(tmp_
     code, out, err = run_sweep(*sweep_args(tmp_path, "unpruned", space, options=["--no-prune"],
                                            script_args=["--epochs", "3", "--sleep", "0.02"]))
     assert code == 0 and sweep.state_counts(load("unpruned", tmp_path)) == "6 complete"
+    report = shlex.join([sys.executable, "sweep.py", "--study", "unpruned", "--report", "--sweeps-dir",
+                         str(tmp_path / "sweeps")])
+    assert f"its table: {report}\n" in out  # complete: where the study is
+    assert f"trial 0: {shlex.join([sys.executable, str(tmp_path / 'fake_train.py')])} --epochs 3" in out
 
 
 def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_train):
