@@ -103,20 +103,50 @@ def run_metrics():
 RUN_METRICS = run_metrics()
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: 0 or less fails at parse time, with the usage line."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def non_negative_int(text):
-    """argparse type for counts where 0 means "none" (e.g. warm-up epochs, extra samples)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+class UsageError(Exception):
+    """Bad input, found before any work is lost: one line, exit code 2."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (a NaN loss, a full disk); what it saved is intact. Exit code 1."""
+
+
+def exit_code(prog, work, interrupted="the checkpoints and outputs already written are intact"):
+    """work() with every failure turned into one line and an exit code, as each script's main
+    returns it: 2 for bad input, 1 for a failed run, 130 for an interrupt (its message, else
+    `interrupted`), 0 for success."""
+    try:
+        work()
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFailed as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as error:
+        print(f"\ninterrupted: {error or interrupted}")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def whole_number(name, minimum, requirement):
+    """An argparse type for whole numbers of at least `minimum`: a smaller one fails at parse
+    time, with the usage line, as "must be <requirement>"; name is the type's name in argparse's
+    own message ("invalid positive_int value")."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+positive_int = whole_number("positive_int", 1, "a positive integer")  # counts and sizes
+non_negative_int = whole_number("non_negative_int", 0, "0 or more")  # 0 means "none"
 
 
 def positive_float(text):
@@ -545,12 +575,10 @@ def compute_statistics(images, features="pixel", network=None, batch_size=50,
     images = np.asarray(images)
 
     def compute():
-        if features == "pixel":
-            return pixel_statistics(images)
-        if features == "classifier":
-            return classifier_statistics(images, network)
-        return inception_statistics(images, network, batch_size=batch_size, verbose=verbose,
-                                    skip_hint=skip_hint)
+        if features == "inception":  # streamed: never the N x 2048 feature matrix
+            return inception_statistics(images, network, batch_size=batch_size, verbose=verbose,
+                                        skip_hint=skip_hint)
+        return statistics_from_features(compute_features(images, features, network), features)
 
     if cache_dir is None:
         return compute()
@@ -1210,12 +1238,13 @@ def run_command(args) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        run_command(args)
-    except (ValueError, OSError, InceptionUnavailable) as error:
-        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    return 0
+
+    def work():
+        try:
+            run_command(args)
+        except (ValueError, OSError, InceptionUnavailable) as error:
+            raise UsageError(" ".join(str(error).split())) from None
+    return exit_code(parser.prog, work)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ LOCAL_FLAGS = ("--data", "--inception-weights")
 SQLITE_TIMEOUT = 60  # seconds a worker waits for another's write to the default storage
 STORAGE_ATTEMPTS = 5  # workers that start together race to create the storage's tables
 POLL_SECONDS = 0.2  # how often a worker reads its run's history.csv
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 # The columns of results/tuning.csv: one run per row.
 CSV_METRICS = ("fid_pixel_recon", "fid_pixel_samples", "fid_classifier_samples",
                "fid_classifier_recon", "test_log_likelihood_iw", "test_elbo")
@@ -74,14 +73,6 @@ LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") els
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep prints its own lines
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback()  # queue a dead worker's trial again
-
-
-class UsageError(Exception):
-    """Bad input: one line, exit code 2."""
-
-
-class RunFailed(Exception):
-    """A run that ended with an error (a NaN loss, say): its trial fails, the sweep goes on."""
 
 
 class NothingQueued(Exception):
@@ -138,11 +129,7 @@ def seed_list(text):
     return seeds
 
 
-def heartbeat_seconds(text):
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be 2 or more, got {text}")
-    return value
+heartbeat_seconds = fid.whole_number("heartbeat_seconds", 2, "2 or more")
 
 
 def split_local(script_args):
@@ -263,7 +250,7 @@ def open_storage(args):
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
             creating = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
             if attempt == STORAGE_ATTEMPTS - 1 or not creating:
-                raise UsageError(f"cannot open --storage {shown(url)}: "
+                raise fid.UsageError(f"cannot open --storage {shown(url)}: "
                                  f"{str(e).splitlines()[0]}") from None
             time.sleep(1)  # another worker is creating the tables: they are there next time
 
@@ -319,12 +306,12 @@ def open_study(args, storage):
         deadline = time.monotonic() + args.heartbeat
         while "sweep" not in study.user_attrs:
             if time.monotonic() > deadline:
-                raise UsageError(f"study {args.study} has no sweep definition: it was not made by "
+                raise fid.UsageError(f"study {args.study} has no sweep definition: it was not made by "
                                  "sweep.py, or its first worker died while queueing; delete it "
                                  "(optuna delete-study) or choose another --study")
             time.sleep(POLL_SECONDS)
         if study.user_attrs["sweep"] != json.loads(json.dumps(sweep)):
-            raise UsageError(f"study {args.study} was started as {study.user_attrs['sweep']}, "
+            raise fid.UsageError(f"study {args.study} was started as {study.user_attrs['sweep']}, "
                              "not as this command: choose another --study")
         return study
     if is_grid(args.space):
@@ -469,7 +456,7 @@ class Objective:
         results_dir = Path(trial.user_attrs.get("results_dir")
                            or Path(args.sweeps_dir) / args.study / f"trial-{trial.number}")
         if not retry and results_dir.is_dir() and any(results_dir.iterdir()):
-            raise UsageError(f"{results_dir} holds an earlier study's run (one of the same name, "
+            raise fid.UsageError(f"{results_dir} holds an earlier study's run (one of the same name, "
                              "deleted?): move it away, or choose another --study")
         for key, value in dict(script=sweep["script"], flags=flags, seed=seed,
                                results_dir=str(results_dir),
@@ -486,7 +473,7 @@ class Objective:
             self.train(trial, command + ["--resume"] * resumed, results_dir)
         metrics = json.loads((results_dir / "metrics.json").read_text())
         if not isinstance(metrics.get(sweep["objective"]), (int, float)):
-            raise UsageError(f"{results_dir}/metrics.json has no {sweep['objective']}: give the "
+            raise fid.UsageError(f"{results_dir}/metrics.json has no {sweep['objective']}: give the "
                              "script options that compute the --objective")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -528,12 +515,12 @@ class Objective:
                 process.send_signal(signal.SIGINT)
                 process.wait()
             raise
-        if code == EXIT_USAGE:
-            raise UsageError(f"{' '.join(command[1:])}: {last_line(results_dir / 'train.log')}")
+        if code == fid.EXIT_USAGE:
+            raise fid.UsageError(f"{' '.join(command[1:])}: {last_line(results_dir / 'train.log')}")
         if code:
             failure = f"exit code {code}: {last_line(results_dir / 'train.log')}"
             trial.set_user_attr("failure", failure)
-            raise RunFailed(failure)
+            raise fid.RunFailed(failure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +557,7 @@ def work(args, study, storage):
         waiting_shown = False
         objective.trial = None
         try:
-            study.optimize(objective, n_trials=1, catch=(RunFailed, NothingQueued))
+            study.optimize(objective, n_trials=1, catch=(fid.RunFailed, NothingQueued))
         except (KeyboardInterrupt, ValueError) as e:
             trial = objective.trial and study.get_trials(deepcopy=False)[objective.trial.number]
             if not trial or trial.state != optuna.trial.TrialState.FAIL:
@@ -686,7 +673,7 @@ def flag_params(flags):
             following = words[i + 1] if i + 1 < len(words) else "--"
             params[word[2:]] = True if following.startswith("--") else choice(following)
         elif i == 0 or not words[i - 1].startswith("--"):
-            raise UsageError(f"flags {flags!r}: {word!r} follows no option")
+            raise fid.UsageError(f"flags {flags!r}: {word!r} follows no option")
     return params
 
 
@@ -695,10 +682,10 @@ def read_csv(path):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+        raise fid.UsageError(f"{path}: cannot read ({e.strerror})") from None
     missing = [column for column in CSV_COLUMNS if rows and column not in rows[0]]
     if missing:
-        raise UsageError(f"{path}: no column {missing[0]} (expected {','.join(CSV_COLUMNS)})")
+        raise fid.UsageError(f"{path}: no column {missing[0]} (expected {','.join(CSV_COLUMNS)})")
     return rows
 
 
@@ -708,11 +695,11 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
     rows = read_csv(path)
     objective = study.user_attrs.get("sweep", {}).get("objective", objective)
     if objective not in CSV_COLUMNS:
-        raise UsageError(f"--objective {objective}: not a column of {path}")
+        raise fid.UsageError(f"--objective {objective}: not a column of {path}")
     try:
         params = [{**flag_params(row["flags"]), "seed": int(row["seed"])} for row in rows]
     except ValueError as e:
-        raise UsageError(f"{path}: a seed that is not an integer ({e})") from None
+        raise fid.UsageError(f"{path}: a seed that is not an integer ({e})") from None
     if "sweep" not in study.user_attrs:
         study.set_user_attr("sweep", {"objective": objective, "imported": Path(path).name})
     held = {run_key(trial.user_attrs) for trial in study.get_trials(deepcopy=False)}
@@ -774,7 +761,7 @@ def study_from_csv(path):
 def run(args):
     database = Path(args.sweeps_dir) / "optuna.db"
     if (args.report or args.export_csv) and not args.storage and not database.is_file():
-        raise UsageError(f"no study {args.study}: {database} does not exist (give --storage?)")
+        raise fid.UsageError(f"no study {args.study}: {database} does not exist (give --storage?)")
     storage = open_storage(args)
     if args.import_csv:
         study = optuna.create_study(storage=storage, study_name=args.study, load_if_exists=True,
@@ -787,9 +774,9 @@ def run(args):
         try:
             study = optuna.load_study(study_name=args.study, storage=storage)
         except KeyError:
-            raise UsageError(f"no study {args.study} in {shown(storage_url(args))}") from None
+            raise fid.UsageError(f"no study {args.study} in {shown(storage_url(args))}") from None
         if "sweep" not in study.user_attrs:
-            raise UsageError(f"study {args.study} was not made by sweep.py")
+            raise fid.UsageError(f"study {args.study} was not made by sweep.py")
         if args.export_csv:
             count = len(study.get_trials(deepcopy=False,
                                          states=(optuna.trial.TrialState.COMPLETE,)))
@@ -816,15 +803,7 @@ def main(argv=None):
     interrupt (the running trial's run checkpointed and queued again)."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill requeues too
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as e:
-        print(f"\ninterrupted: {e or 'no trial was running'}")
-        return EXIT_INTERRUPTED
-    return 0
+    return fid.exit_code("sweep.py", lambda: run(args), interrupted="no trial was running")
 
 
 if __name__ == "__main__":

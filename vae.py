@@ -33,6 +33,7 @@ import numpy as np
 
 import fid
 import plot_utils
+from fid import RunFailed, UsageError
 
 fid.start_tensorflow()  # before Keras: without TensorFlow's start-up lines
 import keras  # noqa: E402
@@ -55,14 +56,12 @@ WATCHED_IMAGES, WATCHED_SAMPLES = 10, 20  # what each progress frame shows
 LONG_STEP_SECONDS = 30  # a longer evaluation step first says how long, and how to skip it
 IW_DECODER_MEMORY = 512 * 2**20  # bytes of decoder activations per call of the likelihood estimate
 LOSS_CURVES_SHARE = 0.02  # loss_curves.png is redrawn when that costs under 2% of the training time
-XLA_MIN_BATCHES = 100  # XLA compiles for seconds: a training set of this many batches repays it
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh")
 # What defines a run: a resumed run must agree on these (and on its architecture's options).
 RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
                 "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs", "dataset",
                 "lr_schedule", "activation")
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # metrics.json's isa
 
 
@@ -368,18 +367,9 @@ class VAE(keras.Model):
             self.kl_weight_tracker.update_state(kl_weight)
 
     def train_step(self, data):
-        """One Adam update per batch. The grouped data path hands over a group of batches instead
-        (one more leading axis) and the loop over them runs inside the step, so that XLA compiles
-        and launches one program per group rather than one per batch."""
+        """One Adam update per batch (the grouped data path hands over several: for_each_batch)."""
         x = data[0] if isinstance(data, tuple) else data
-        if len(x.shape) == len(self.decoder.output.shape) + 1:
-            def update_batch(i, batches_done):
-                self.update(x[i])
-                return batches_done + 1
-
-            ops.fori_loop(0, ops.shape(x)[0], update_batch, 0)
-        else:
-            self.update(x)
+        for_each_batch(x, self.update, batch_rank=len(self.decoder.output.shape))
         return self.get_metrics_result()
 
     def update(self, x):
@@ -542,36 +532,30 @@ def compile_model(model, args, xla):
 
 
 def train(model, args, architecture, title, results_dir, x_train, x_test, state, resume_command):
-    """model.fit from the checkpointed epoch; returns the TrainingState callback (history,
-    timings). The progress frames show the first test images and a few prior samples, the same
-    every epoch. resume_command: what an interrupted run tells the user to type."""
+    """model.fit from the checkpointed epoch, one callback per job; returns the Checkpoints
+    callback (history, timings). The progress frames show the first test images and a few prior
+    samples, the same every epoch. resume_command: what an interrupted run tells the user."""
+    checkpoints = Checkpoints(results_dir, config=run_config(args), resumed_from=state)
     watch_z = np.random.default_rng(args.seed + 2).standard_normal(
         (WATCHED_SAMPLES, args.latent_dim)).astype(np.float32)
-    tensorboard_dir = results_dir / "tensorboard" if args.tensorboard else None
-    tracker = TrainingState(results_dir, config=run_config(args), title=title,
-                            watch_images=x_test[:WATCHED_IMAGES], watch_z=watch_z,
-                            resumed_from=state, tensorboard_dir=tensorboard_dir)
-    callbacks = [tracker]
-    if tensorboard_dir:  # after the tracker: an epoch is logged once its checkpoint is committed,
-        # so a resume that repeats an uncommitted epoch never logs a step twice
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir),
-                                                     write_graph=False))
+    frames = ProgressFrames(results_dir, x_test[:WATCHED_IMAGES], watch_z, checkpoints)
+    unit = loss_unit(args.likelihood, x_test.shape[1:])
+    callbacks = [frames, checkpoints,  # each epoch's frame is saved before its checkpoint
+                 HistoryCSV(results_dir, checkpoints), LossCurves(results_dir, title, unit, checkpoints),
+                 keras.callbacks.TerminateOnNaN()]
+    if args.tensorboard:  # after the checkpoint: an epoch is logged once it is committed, so a
+        # resume that repeats an uncommitted epoch never logs a step twice
+        tensorboard_dir = results_dir / "tensorboard"
+        callbacks += [keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), write_graph=False),
+                      TensorBoardFrames(tensorboard_dir / "progress", frames)]
     (results_dir / "metrics.json").unlink(missing_ok=True)  # it describes a model this run
     # replaces; its absence also tells --resume that an evaluation did not finish
-    batches_per_step = 1 if args.plain else architecture.batches_per_step
-    if args.plain:
-        fit_data = dict(x=x_train, batch_size=args.batch_size, validation_data=(x_test,),
-                        shuffle=True)
-    else:
-        train_data, test_data, groups_per_epoch = make_datasets(
-            x_train, x_test, args.batch_size, batches_per_step, args.seed,
-            first_epoch=tracker.epochs_done)
-        fit_data = dict(x=train_data, steps_per_epoch=groups_per_epoch, validation_data=test_data,
-                        shuffle=False)  # the dataset shuffles
+    fit_data, batches_per_step = training_data(args, architecture, x_train, x_test,
+                                               first_epoch=checkpoints.epochs_done)
     callbacks.append(BatchProgress(len(x_train), args.batch_size, batches_per_step))
-    model.steps_per_execution = 1  # one group of batches per call
+    model.steps_per_execution = 1  # one batch, or one group of batches, per call
     try:
-        model.fit(**fit_data, epochs=args.epochs, initial_epoch=tracker.epochs_done,
+        model.fit(**fit_data, epochs=args.epochs, initial_epoch=checkpoints.epochs_done,
                   callbacks=callbacks, verbose=0)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"{count_of(checkpointed_epochs(results_dir), 'complete epoch')} "
@@ -582,13 +566,13 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
         raise RunFailed(f"cannot write a checkpoint in {results_dir} ({e.strerror or e}); the last "
                         f"complete one ({saved}) is intact. Free space, then: {resume_command}"
                         ) from None
-    if tracker.diverged_epoch:
+    if checkpoints.diverged_epoch:
         saved = checkpointed_epochs(results_dir)
         kept = (f"the last good checkpoint ({count_of(saved, 'epoch')}) is kept in {results_dir}"
                 if saved else "no epoch completed, so there is no checkpoint")
-        raise RunFailed(f"the loss became NaN or infinite in epoch {tracker.diverged_epoch}; "
+        raise RunFailed(f"the loss became NaN or infinite in epoch {checkpoints.diverged_epoch}; "
                         f"training stopped and {kept}. Try a smaller --learning-rate.")
-    return tracker
+    return checkpoints
 
 
 # ----------------------------------------------------------------------------------------------
@@ -837,9 +821,9 @@ def print_summary(title, metrics, results_dir):
 def run(args, architecture, run_defining, resume_command):
     """Check, load, train (or resume), evaluate: every output lands in args.results_dir."""
     results_dir, state = check_results_dir(args, run_defining)
-    if state and (args.resume or args.evaluate_only):
-        for key, default in run_defining.items():  # an option newer than the checkpoint: default
-            setattr(args, key, state["config"].get(key, default))
+    model = (load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
+             if args.evaluate_only else None)
+    args = settled_options(args, state, run_defining, model)
     dataset = load_dataset(args.data, args.dataset)
     title = architecture.title
     figure_title = title if args.dataset == "mnist" else f"{title} on {DATASETS[args.dataset][1]}"
@@ -848,12 +832,9 @@ def run(args, architecture, run_defining, resume_command):
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
     check_evaluation_needs(args, architecture, x_test.shape)
     inception, inception_error = prepare_inception(args)
-    xla = architecture.xla and len(x_train) >= XLA_MIN_BATCHES * args.batch_size
+    xla = use_xla(architecture, args, len(x_train))
 
     if args.evaluate_only:
-        model = load_saved_model(Path(args.model) if args.model else results_dir / "model.keras")
-        args.likelihood, args.binarize = model.likelihood, model.binarize
-        args.dtype_policy = model.dtype_policy.name
         history = state["history"] if state else None
         seconds_per_epoch = state["seconds_per_epoch"] if state else []
     else:
@@ -869,9 +850,9 @@ def run(args, architecture, run_defining, resume_command):
                                 math.ceil(len(x_train) / args.batch_size))
             model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
             compile_model(model, args, xla)
-        tracker = train(model, args, architecture, figure_title, results_dir, x_train, x_test,
-                        state, resume_command)
-        history, seconds_per_epoch = tracker.history, tracker.seconds_per_epoch
+        checkpoints = train(model, args, architecture, figure_title, results_dir, x_train,
+                            x_test, state, resume_command)
+        history, seconds_per_epoch = checkpoints.history, checkpoints.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
     if (results_dir / PROGRESS_FRAMES).is_file():  # also drawn again by --evaluate-only
         save_progress_animation(results_dir)
@@ -917,22 +898,13 @@ def main(argv=None, architecture=None):
         parser.error("choose one of --resume, --overwrite and --evaluate-only")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill checkpoints too
     run_defining = {key: parser.get_default(key) for key in RUN_DEFINING + architecture_options}
-    refused = False
+    code = None
     try:
-        run(args, architecture, run_defining, command_to_resume(architecture, argv))
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        refused = True
-        return EXIT_USAGE
-    except RunFailed as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt as e:
-        print(f"\ninterrupted: {e or 'the checkpoints and outputs already written are intact'}")
-        return EXIT_INTERRUPTED
+        code = fid.exit_code(parser.prog, lambda: run(args, architecture, run_defining,
+                                                      command_to_resume(architecture, argv)))
     finally:
-        release_results_dirs(refused)
-    return 0
+        release_results_dirs(refused=code == fid.EXIT_USAGE)
+    return code
 
 
 DENSE = Architecture(script="vae.py", title="Dense VAE", description=__doc__.splitlines()[0],
@@ -945,14 +917,6 @@ DENSE = Architecture(script="vae.py", title="Dense VAE", description=__doc__.spl
 # PART 2: PLUMBING (errors, data files, the results directory, checkpoints and resume, the
 # grouped data path, outputs)
 # ==============================================================================================
-
-class UsageError(Exception):
-    """Bad input found before any work is lost: one line, exit code 2."""
-
-
-class RunFailed(Exception):
-    """A run that cannot go on (a NaN loss, a full disk); its checkpoints are intact. Exit 1."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Data files: MNIST's IDX format and .npz, checked before training
@@ -1153,6 +1117,20 @@ def check_resume(args, state, results_dir, run_defining):
                          "--epochs, or use --evaluate-only")
 
 
+def settled_options(args, state, run_defining, model=None):
+    """The run's options, settled once before anything runs and not changed after: a resumed or
+    re-evaluated run takes its checkpoint's run-defining options (an option newer than the
+    checkpoint: its default), an evaluated model its likelihood, binarization and dtype policy."""
+    options = vars(args).copy()
+    if state and (args.resume or args.evaluate_only):
+        options.update({key: state["config"].get(key, default)
+                        for key, default in run_defining.items()})
+    if model is not None:
+        options.update(likelihood=model.likelihood, binarize=model.binarize,
+                       dtype_policy=model.dtype_policy.name)
+    return argparse.Namespace(**options)
+
+
 def run_config(args):
     """The command-line options of the run, with --data's file name only (no machine paths)."""
     config = {key: value for key, value in vars(args).items()
@@ -1209,37 +1187,27 @@ def prepare_inception(args):
 # Checkpoints and resume
 # ----------------------------------------------------------------------------------------------
 
-class TrainingState(keras.callbacks.Callback):
-    """Keeps the history across resumes, checkpoints every good epoch and stops on a NaN loss.
+def finite(logs):
+    return all(math.isfinite(float(value)) for value in logs.values())
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """The run's history across resumes, and a checkpoint of every good epoch.
 
     The model of epoch N goes to checkpoint-epochN.keras first, then checkpoint.json (the commit
     point) names it, then older model files are removed: a kill at any moment leaves a
     consistent checkpoint behind. The checkpoint of epoch N - 1 stays (checkpoint-previous.json
-    and its model), so a damaged latest file costs one epoch, not the run.
-
-    Training you can watch: history.csv follows every epoch; loss_curves.png is redrawn whenever
-    drawing it costs under LOSS_CURVES_SHARE of the time trained since it was last drawn (but
-    not after the last epoch: the run draws the finished curves right after training); a
-    progress frame (watch_images reconstructed, watch_z decoded) joins progress_frames.npy before
-    each checkpoint (a kill may leave one frame too many, which a resume drops); with a
-    tensorboard_dir the frame also goes to TensorBoard.
+    and its model), so a damaged latest file costs one epoch, not the run. An epoch whose losses
+    are not finite is not saved, and stops the run (diverged_epoch).
     """
 
-    def __init__(self, results_dir, config, title, watch_images, watch_z, resumed_from=None,
-                 tensorboard_dir=None):
+    def __init__(self, results_dir, config, resumed_from=None):
         super().__init__()
-        self.results_dir = results_dir
-        self.config = config
-        self.title = title
-        self.watch_images, self.watch_z = watch_images, watch_z
+        self.results_dir, self.config = results_dir, config
         self.last_checkpoint = resumed_from
         self.history = copy.deepcopy(resumed_from["history"]) if resumed_from else {}
         self.seconds_per_epoch = list(resumed_from["seconds_per_epoch"]) if resumed_from else []
         self.diverged_epoch = None
-        self.loss_curves_drawn, self.loss_curves_seconds = -math.inf, 0.0
-        self.frames = list(read_frames(results_dir)[:self.epochs_done])
-        self.image_writer = (tf.summary.create_file_writer(str(tensorboard_dir / "progress"))
-                             if tensorboard_dir else None)
 
     @property
     def epochs_done(self):
@@ -1248,22 +1216,14 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
 
-    def on_train_batch_end(self, batch, logs=None):
-        if logs and not math.isfinite(float(logs["loss"])):
-            self.diverged_epoch = self.epochs_done + 1
-            self.model.stop_training = True
-
     def on_epoch_end(self, epoch, logs=None):
-        if self.diverged_epoch or not all(math.isfinite(float(v)) for v in logs.values()):
-            self.diverged_epoch = self.diverged_epoch or self.epochs_done + 1
+        if not finite(logs):
+            self.diverged_epoch = self.epochs_done + 1
             self.model.stop_training = True
             return
         self.seconds_per_epoch.append(time.perf_counter() - self.epoch_start)
         for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
-        self.frames.append(self.progress_frame())
-        fid.atomic_write(self.results_dir / PROGRESS_FRAMES,
-                         lambda p: np.save(p, np.stack(self.frames)))
         model_file = f"checkpoint-epoch{self.epochs_done}.keras"
         save_model(self.model, self.results_dir / model_file)
         previous, self.last_checkpoint = self.last_checkpoint, {
@@ -1278,29 +1238,80 @@ class TrainingState(keras.callbacks.Callback):
         for old in self.results_dir.glob("checkpoint-epoch*.keras"):
             if old.name not in kept:
                 old.unlink()
-        write_history_csv(self.results_dir / "history.csv", self.history, self.seconds_per_epoch)
-        last_epoch = epoch + 1 == self.params["epochs"]
-        if not last_epoch and self.loss_curves_seconds <= LOSS_CURVES_SHARE * (
-                time.perf_counter() - self.loss_curves_drawn):
-            start = time.perf_counter()
-            save_figure(plot_utils.loss_curves(
-                self.history, title=self.title,
-                unit=loss_unit(self.config["likelihood"], self.watch_images.shape[1:])),
-                        self.results_dir / "loss_curves.png")
-            self.loss_curves_drawn = time.perf_counter()
-            self.loss_curves_seconds = self.loss_curves_drawn - start
-        if self.image_writer:
-            with self.image_writer.as_default():
-                tf.summary.image("progress", self.frames[-1][None, :, :, None], step=epoch)
-            self.image_writer.flush()
 
-    def progress_frame(self):
-        """Eager calls on a few images: milliseconds, under 2% of the shortest epoch."""
-        z_mean, _ = self.model.encoder(self.watch_images, training=False)
+
+class ProgressFrames(keras.callbacks.Callback):
+    """A frame of training progress per good epoch (the watched images reconstructed, watch_z
+    decoded), joining progress_frames.npy before the epoch's checkpoint: a kill may leave one
+    frame too many, which a resume drops."""
+
+    def __init__(self, results_dir, watch_images, watch_z, checkpoints):
+        super().__init__()
+        self.results_dir, self.watch_images, self.watch_z = results_dir, watch_images, watch_z
+        self.frames = list(read_frames(results_dir)[:checkpoints.epochs_done])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not finite(logs):
+            return
+        z_mean, _ = self.model.encoder(self.watch_images, training=False)  # eager, milliseconds
         decoded = ops.convert_to_numpy(self.model.decoder(ops.concatenate([z_mean, self.watch_z]),
                                                           training=False))
         count = len(self.watch_images)
-        return plot_utils.progress_frame(self.watch_images, decoded[:count], decoded[count:])
+        self.frames.append(plot_utils.progress_frame(self.watch_images, decoded[:count],
+                                                     decoded[count:]))
+        fid.atomic_write(self.results_dir / PROGRESS_FRAMES,
+                         lambda p: np.save(p, np.stack(self.frames)))
+
+
+class TensorBoardFrames(keras.callbacks.Callback):
+    """Each committed epoch's progress frame as a TensorBoard image."""
+
+    def __init__(self, log_dir, frames):
+        super().__init__()
+        self.writer, self.frames = tf.summary.create_file_writer(str(log_dir)), frames
+
+    def on_epoch_end(self, epoch, logs=None):
+        if finite(logs):
+            with self.writer.as_default():
+                tf.summary.image("progress", self.frames.frames[-1][None, :, :, None], step=epoch)
+            self.writer.flush()
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """history.csv, rewritten whole after each committed epoch: the loss terms and seconds of
+    every epoch, resumed ones included (Keras' CSVLogger appends, so an epoch that a kill made
+    repeat would be written twice)."""
+
+    def __init__(self, results_dir, checkpoints):
+        super().__init__()
+        self.path, self.checkpoints = results_dir / "history.csv", checkpoints
+
+    def on_epoch_end(self, epoch, logs=None):
+        if finite(logs):
+            write_history_csv(self.path, self.checkpoints.history,
+                              self.checkpoints.seconds_per_epoch)
+
+
+class LossCurves(keras.callbacks.Callback):
+    """loss_curves.png while training: redrawn whenever drawing it costs under LOSS_CURVES_SHARE
+    of the time trained since it was last drawn (not after the last epoch: the run draws the
+    finished curves right after training)."""
+
+    def __init__(self, results_dir, title, unit, checkpoints):
+        super().__init__()
+        self.path, self.title, self.unit, self.checkpoints = (results_dir / "loss_curves.png",
+                                                              title, unit, checkpoints)
+        self.drawn, self.seconds = -math.inf, 0.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        last_epoch = epoch + 1 == self.params["epochs"]
+        if finite(logs) and not last_epoch and self.seconds <= LOSS_CURVES_SHARE * (
+                time.perf_counter() - self.drawn):
+            start = time.perf_counter()
+            save_figure(plot_utils.loss_curves(self.checkpoints.history, title=self.title,
+                                               unit=self.unit), self.path)
+            self.drawn = time.perf_counter()
+            self.seconds = self.drawn - start
 
 
 class BatchProgress(keras.callbacks.Callback):
@@ -1414,8 +1425,45 @@ def load_saved_model(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The grouped data path: batches gathered into groups, one compiled step per group
+# Speed: the grouped data path (batches gathered into groups, one compiled step per group) and
+# XLA. --plain trains without them: the same maths, the speed baseline.
 # ----------------------------------------------------------------------------------------------
+
+XLA_MIN_BATCHES = 100  # XLA compiles for seconds: a training set of this many batches repays it
+
+
+def use_xla(architecture, args, num_train):
+    """XLA for the training step and the likelihood estimate: where the architecture gains from
+    it and the training set is large enough to repay the compilation."""
+    return architecture.xla and num_train >= XLA_MIN_BATCHES * args.batch_size
+
+
+def training_data(args, architecture, x_train, x_test, first_epoch):
+    """What model.fit takes, and the batches per step: arrays and Keras' batching with --plain,
+    else make_datasets' groups of the architecture's batches_per_step."""
+    if args.plain:
+        return dict(x=x_train, batch_size=args.batch_size, validation_data=(x_test,),
+                    shuffle=True), 1
+    train_data, test_data, groups_per_epoch = make_datasets(
+        x_train, x_test, args.batch_size, architecture.batches_per_step, args.seed, first_epoch)
+    return dict(x=train_data, steps_per_epoch=groups_per_epoch, validation_data=test_data,
+                shuffle=False), architecture.batches_per_step  # the dataset shuffles
+
+
+def for_each_batch(x, update, batch_rank):
+    """update(batch) for x, a batch, or for each batch of x, a group of them (one more leading
+    axis): the loop then runs inside the compiled step, so that XLA compiles and launches one
+    program per group rather than one per batch."""
+    if len(x.shape) == batch_rank:
+        update(x)
+        return
+
+    def update_batch(i, batches_done):
+        update(x[i])
+        return batches_done + 1
+
+    ops.fori_loop(0, ops.shape(x)[0], update_batch, 0)
+
 
 def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epoch=0):
     """A fresh seeded permutation each epoch, gathered into groups of batches_per_step batches

@@ -219,8 +219,8 @@ def test_unloadable_weights_raise_inception_unavailable(tmp_path):
 
 def test_compute_statistics_uses_the_cache_on_the_second_call(tmp_path, monkeypatch, capsys):
     calls = []
-    real_pixel_statistics = fid.pixel_statistics
-    monkeypatch.setattr(fid, "pixel_statistics", lambda images: calls.append(1) or real_pixel_statistics(images))
+    real_pixel_features = fid.pixel_features
+    monkeypatch.setattr(fid, "pixel_features", lambda images: calls.append(1) or real_pixel_features(images))
     images = random_images(4)
 
     first = fid.compute_statistics(images, "pixel", cache_dir=tmp_path)

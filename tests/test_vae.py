@@ -258,13 +258,13 @@ def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
 def interrupt_after_epochs(monkeypatch, epochs):
     """Ctrl-C right after the run has committed the checkpoint of `epochs` epochs, in this
     process: the state a kill leaves (a kill of a real process: test_interrupted_run_...)."""
-    on_epoch_end = vae.TrainingState.on_epoch_end
+    on_epoch_end = vae.Checkpoints.on_epoch_end
 
     def on_epoch_end_then_interrupt(self, epoch, logs=None):
         on_epoch_end(self, epoch, logs)
         if self.epochs_done == epochs:
             raise KeyboardInterrupt
-    monkeypatch.setattr(vae.TrainingState, "on_epoch_end", on_epoch_end_then_interrupt)
+    monkeypatch.setattr(vae.Checkpoints, "on_epoch_end", on_epoch_end_then_interrupt)
 
 
 def test_cosine_schedule_survives_an_interrupt_and_resume_and_cannot_be_extended(tmp_path, tiny_mnist,
@@ -852,12 +852,11 @@ def test_diverging_loss_stops_with_a_message(tmp_path, tiny_mnist):
 def test_non_finite_epoch_keeps_the_last_good_checkpoint(finished_run, tmp_path):
     results_dir, _ = finished_run
     state = json.loads((results_dir / "checkpoint.json").read_text())
-    tracker = vae.TrainingState(results_dir, state["config"], "VAE", watch_images=None, watch_z=None,
-                                resumed_from=state)
-    tracker.set_model(vae.load_saved_model(results_dir / state["model_file"]))
-    tracker.on_epoch_begin(2)
-    tracker.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
-    assert tracker.model.stop_training and tracker.diverged_epoch == 3
+    checkpoints = vae.Checkpoints(results_dir, state["config"], resumed_from=state)
+    checkpoints.set_model(vae.load_saved_model(results_dir / state["model_file"]))
+    checkpoints.on_epoch_begin(2)
+    checkpoints.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
+    assert checkpoints.model.stop_training and checkpoints.diverged_epoch == 3
     assert json.loads((results_dir / "checkpoint.json").read_text()) == state
 
 
