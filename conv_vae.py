@@ -2,8 +2,9 @@
 
     python conv_vae.py --epochs 100
 
-Only the encoder, the decoder, their options and the defaults live here (CONV, an Architecture);
-the model class, data, training, checkpoints, evaluation and outputs are vae.py's.
+Only the encoder, the decoder, their options and the defaults live here (CONV, an Architecture),
+then, under their own heading, the speed work (the convolutions as matrix products, a cheaper
+dropout mask); the model class, data, training, checkpoints, evaluation and outputs are vae.py's.
 """
 
 import sys
@@ -15,17 +16,93 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+
+# ----------------------------------------------------------------------------------------------
+# The networks
+# ----------------------------------------------------------------------------------------------
+
+def conv_encoder(args, image_shape):
+    """HxWx1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance);
+    --dense-layers N stacks N dense layers of --dense-units there."""
+    conv, _ = convolutions(args)
+    x = keras.Input(image_shape)
+    h = conv(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
+    h = conv(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
+    h = vae.dense_layers(layers.Flatten()(dropout(args)(h)), args.dense_units, args.dense_layers,
+                         args.activation)
+    return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
+
+
+def conv_decoder(args, image_shape):
+    """latent -> Dense(H/4 * W/4 * 2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1,
+    sigmoid); --dense-layers N puts N - 1 dense layers of --dense-units first, mirroring the
+    encoder."""
+    _, conv_transpose = convolutions(args)
+    height, width = image_shape[0] // 4, image_shape[1] // 4  # two stride-2 convolutions
+    z = keras.Input((args.latent_dim,))
+    h = vae.dense_layers(z, args.dense_units, args.dense_layers - 1, args.activation)
+    h = layers.Dense(height * width * 2 * args.filters, activation=args.activation)(h)
+    h = layers.Reshape((height, width, 2 * args.filters))(h)
+    h = conv_transpose(2 * args.filters, 3, strides=2, padding="same",
+                       activation=args.activation)(h)
+    h = conv_transpose(args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
+    h = dropout(args)(h)
+    logits = conv_transpose(1, 3, padding="same")(h)
+    x_hat = layers.Activation("sigmoid", dtype="float32")(logits)  # see vae.posterior_head
+    return keras.Model(z, x_hat, name="decoder")
+
+
+def add_conv_options(group):
+    group.add_argument("--filters", type=fid.positive_int, default=32,
+                       help="filters of the first convolution (the second has twice as many)")
+    group.add_argument("--dense-units", type=fid.positive_int, default=32,
+                       help="units of the dense layers between the convolutions and z")
+    group.add_argument("--dense-layers", type=fid.positive_int, default=1,
+                       help="dense layers after the encoder's convolutions; the decoder gets one "
+                            "fewer before its own")
+    group.add_argument("--dropout", type=fid.unit_interval, default=0.25,
+                       help="dropout rate, active only while training")
+
+
+CONV = vae.Architecture(
+    script="conv_vae.py", title="Convolutional VAE", description=__doc__.splitlines()[0],
+    build_encoder=conv_encoder, build_decoder=conv_decoder, add_options=add_conv_options,
+    epochs=100, batch_size=128, iw_samples=100,
+    xla=False, batches_per_step=1,  # XLA's CPU convolutions are slow; groups need XLA to gain
+    image_side_multiple=4)  # two stride-2 convolutions, undone by two in the decoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: the convolutions as matrix products and a cheaper dropout mask, where they are faster
+# (MATMUL_DTYPES); --plain uses Keras' own layers. Same variables, same function: a reader who
+# skips this section reads the whole model above.
+# ----------------------------------------------------------------------------------------------
+
 # Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
 # instead of Keras' op. tests/bench/bench_training.py times each layer both ways: on a CPU, TF's
 # bfloat16 convolutions are the slower (up to 6x in a training step); its float32 ones the faster,
 # but for the last, stride-1 one, whose form gains alone but not in a whole training step, and
 # loses at the likelihood estimate's large batches (results/README.md, Speed, both CPUs).
 MATMUL_DTYPES = ("bfloat16",)
+
+
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row
 # 0 from input row m and row 2 from row m - 1 (p = 0), or row 1 from row m (p = 1).
 # SUBPIXEL_ROWS[a][p]: the kernel row that input row m - 1 + a gives output phase p (3: none, a
 # zero row); the same table serves the columns.
 SUBPIXEL_ROWS = ((2, 3), (0, 1))
+
+
+def convolutions(args):
+    """Keras' own Conv2D and Conv2DTranspose with --plain (the speed baseline), the matrix-product
+    forms otherwise."""
+    return ((layers.Conv2D, layers.Conv2DTranspose) if args.plain
+            else (MatmulConv2D, MatmulConv2DTranspose))
+
+
+def dropout(args):
+    """Keras' own layer with --plain (the speed baseline), the cheaper mask otherwise."""
+    return (layers.Dropout if args.plain else ByteDropout)(args.dropout)
 
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
@@ -167,68 +244,9 @@ class MatmulConv2DTranspose(layers.Conv2DTranspose):
         return self.activation(outputs)
 
 
-def convolutions(args):
-    """Keras' own Conv2D and Conv2DTranspose with --plain (the speed baseline), the matrix-product
-    forms otherwise."""
-    return ((layers.Conv2D, layers.Conv2DTranspose) if args.plain
-            else (MatmulConv2D, MatmulConv2DTranspose))
-
-
-def dropout(args):
-    """Keras' own layer with --plain (the speed baseline), the cheaper mask otherwise."""
-    return (layers.Dropout if args.plain else ByteDropout)(args.dropout)
-
-
-def conv_encoder(args, image_shape):
-    """HxWx1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance);
-    --dense-layers N stacks N dense layers of --dense-units there."""
-    conv, _ = convolutions(args)
-    x = keras.Input(image_shape)
-    h = conv(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
-    h = conv(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
-    h = vae.dense_layers(layers.Flatten()(dropout(args)(h)), args.dense_units, args.dense_layers,
-                         args.activation)
-    return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
-
-
-def conv_decoder(args, image_shape):
-    """latent -> Dense(H/4 * W/4 * 2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1,
-    sigmoid); --dense-layers N puts N - 1 dense layers of --dense-units first, mirroring the
-    encoder."""
-    _, conv_transpose = convolutions(args)
-    height, width = image_shape[0] // 4, image_shape[1] // 4  # two stride-2 convolutions
-    z = keras.Input((args.latent_dim,))
-    h = vae.dense_layers(z, args.dense_units, args.dense_layers - 1, args.activation)
-    h = layers.Dense(height * width * 2 * args.filters, activation=args.activation)(h)
-    h = layers.Reshape((height, width, 2 * args.filters))(h)
-    h = conv_transpose(2 * args.filters, 3, strides=2, padding="same",
-                       activation=args.activation)(h)
-    h = conv_transpose(args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
-    h = dropout(args)(h)
-    logits = conv_transpose(1, 3, padding="same")(h)
-    x_hat = layers.Activation("sigmoid", dtype="float32")(logits)  # see vae.posterior_head
-    return keras.Model(z, x_hat, name="decoder")
-
-
-def add_conv_options(group):
-    group.add_argument("--filters", type=fid.positive_int, default=32,
-                       help="filters of the first convolution (the second has twice as many)")
-    group.add_argument("--dense-units", type=fid.positive_int, default=32,
-                       help="units of the dense layers between the convolutions and z")
-    group.add_argument("--dense-layers", type=fid.positive_int, default=1,
-                       help="dense layers after the encoder's convolutions; the decoder gets one "
-                            "fewer before its own")
-    group.add_argument("--dropout", type=fid.unit_interval, default=0.25,
-                       help="dropout rate, active only while training")
-    return ("filters", "dense_units", "dense_layers", "dropout")
-
-
-CONV = vae.Architecture(
-    script="conv_vae.py", title="Convolutional VAE", description=__doc__.splitlines()[0],
-    build_encoder=conv_encoder, build_decoder=conv_decoder, add_options=add_conv_options,
-    epochs=100, batch_size=128, iw_samples=100,
-    xla=False, batches_per_step=1,  # XLA's CPU convolutions are slow; groups need XLA to gain
-    image_side_multiple=4)  # two stride-2 convolutions, undone by two in the decoder
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     sys.exit(vae.main(architecture=CONV))

@@ -49,6 +49,7 @@ import optuna
 import sqlalchemy
 
 import fid
+from fid import RunFailed, UsageError
 
 DEFAULT_OBJECTIVE = "fid_pixel_recon"  # the original repository's metric
 PRUNING_LOSS = "val_loss"  # the column of history.csv reported each epoch: the test loss
@@ -250,7 +251,7 @@ def open_storage(args):
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
             creating = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
             if attempt == STORAGE_ATTEMPTS - 1 or not creating:
-                raise fid.UsageError(f"cannot open --storage {shown(url)}: "
+                raise UsageError(f"cannot open --storage {shown(url)}: "
                                  f"{str(e).splitlines()[0]}") from None
             time.sleep(1)  # another worker is creating the tables: they are there next time
 
@@ -306,12 +307,12 @@ def open_study(args, storage):
         deadline = time.monotonic() + args.heartbeat
         while "sweep" not in study.user_attrs:
             if time.monotonic() > deadline:
-                raise fid.UsageError(f"study {args.study} has no sweep definition: it was not made by "
+                raise UsageError(f"study {args.study} has no sweep definition: it was not made by "
                                  "sweep.py, or its first worker died while queueing; delete it "
                                  "(optuna delete-study) or choose another --study")
             time.sleep(POLL_SECONDS)
         if study.user_attrs["sweep"] != json.loads(json.dumps(sweep)):
-            raise fid.UsageError(f"study {args.study} was started as {study.user_attrs['sweep']}, "
+            raise UsageError(f"study {args.study} was started as {study.user_attrs['sweep']}, "
                              "not as this command: choose another --study")
         return study
     if is_grid(args.space):
@@ -456,7 +457,7 @@ class Objective:
         results_dir = Path(trial.user_attrs.get("results_dir")
                            or Path(args.sweeps_dir) / args.study / f"trial-{trial.number}")
         if not retry and results_dir.is_dir() and any(results_dir.iterdir()):
-            raise fid.UsageError(f"{results_dir} holds an earlier study's run (one of the same name, "
+            raise UsageError(f"{results_dir} holds an earlier study's run (one of the same name, "
                              "deleted?): move it away, or choose another --study")
         for key, value in dict(script=sweep["script"], flags=flags, seed=seed,
                                results_dir=str(results_dir),
@@ -473,7 +474,7 @@ class Objective:
             self.train(trial, command + ["--resume"] * resumed, results_dir)
         metrics = json.loads((results_dir / "metrics.json").read_text())
         if not isinstance(metrics.get(sweep["objective"]), (int, float)):
-            raise fid.UsageError(f"{results_dir}/metrics.json has no {sweep['objective']}: give the "
+            raise UsageError(f"{results_dir}/metrics.json has no {sweep['objective']}: give the "
                              "script options that compute the --objective")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -516,11 +517,11 @@ class Objective:
                 process.wait()
             raise
         if code == fid.EXIT_USAGE:
-            raise fid.UsageError(f"{' '.join(command[1:])}: {last_line(results_dir / 'train.log')}")
+            raise UsageError(f"{' '.join(command[1:])}: {last_line(results_dir / 'train.log')}")
         if code:
             failure = f"exit code {code}: {last_line(results_dir / 'train.log')}"
             trial.set_user_attr("failure", failure)
-            raise fid.RunFailed(failure)
+            raise RunFailed(failure)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +558,7 @@ def work(args, study, storage):
         waiting_shown = False
         objective.trial = None
         try:
-            study.optimize(objective, n_trials=1, catch=(fid.RunFailed, NothingQueued))
+            study.optimize(objective, n_trials=1, catch=(RunFailed, NothingQueued))
         except (KeyboardInterrupt, ValueError) as e:
             trial = objective.trial and study.get_trials(deepcopy=False)[objective.trial.number]
             if not trial or trial.state != optuna.trial.TrialState.FAIL:
@@ -673,7 +674,7 @@ def flag_params(flags):
             following = words[i + 1] if i + 1 < len(words) else "--"
             params[word[2:]] = True if following.startswith("--") else choice(following)
         elif i == 0 or not words[i - 1].startswith("--"):
-            raise fid.UsageError(f"flags {flags!r}: {word!r} follows no option")
+            raise UsageError(f"flags {flags!r}: {word!r} follows no option")
     return params
 
 
@@ -682,10 +683,10 @@ def read_csv(path):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        raise fid.UsageError(f"{path}: cannot read ({e.strerror})") from None
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
     missing = [column for column in CSV_COLUMNS if rows and column not in rows[0]]
     if missing:
-        raise fid.UsageError(f"{path}: no column {missing[0]} (expected {','.join(CSV_COLUMNS)})")
+        raise UsageError(f"{path}: no column {missing[0]} (expected {','.join(CSV_COLUMNS)})")
     return rows
 
 
@@ -695,11 +696,11 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
     rows = read_csv(path)
     objective = study.user_attrs.get("sweep", {}).get("objective", objective)
     if objective not in CSV_COLUMNS:
-        raise fid.UsageError(f"--objective {objective}: not a column of {path}")
+        raise UsageError(f"--objective {objective}: not a column of {path}")
     try:
         params = [{**flag_params(row["flags"]), "seed": int(row["seed"])} for row in rows]
     except ValueError as e:
-        raise fid.UsageError(f"{path}: a seed that is not an integer ({e})") from None
+        raise UsageError(f"{path}: a seed that is not an integer ({e})") from None
     if "sweep" not in study.user_attrs:
         study.set_user_attr("sweep", {"objective": objective, "imported": Path(path).name})
     held = {run_key(trial.user_attrs) for trial in study.get_trials(deepcopy=False)}
@@ -761,7 +762,7 @@ def study_from_csv(path):
 def run(args):
     database = Path(args.sweeps_dir) / "optuna.db"
     if (args.report or args.export_csv) and not args.storage and not database.is_file():
-        raise fid.UsageError(f"no study {args.study}: {database} does not exist (give --storage?)")
+        raise UsageError(f"no study {args.study}: {database} does not exist (give --storage?)")
     storage = open_storage(args)
     if args.import_csv:
         study = optuna.create_study(storage=storage, study_name=args.study, load_if_exists=True,
@@ -774,9 +775,9 @@ def run(args):
         try:
             study = optuna.load_study(study_name=args.study, storage=storage)
         except KeyError:
-            raise fid.UsageError(f"no study {args.study} in {shown(storage_url(args))}") from None
+            raise UsageError(f"no study {args.study} in {shown(storage_url(args))}") from None
         if "sweep" not in study.user_attrs:
-            raise fid.UsageError(f"study {args.study} was not made by sweep.py")
+            raise UsageError(f"study {args.study} was not made by sweep.py")
         if args.export_csv:
             count = len(study.get_trials(deepcopy=False,
                                          states=(optuna.trial.TrialState.COMPLETE,)))

@@ -2,10 +2,11 @@
 
     python vae.py --latent-dim 2 --epochs 30
 
-Part 1 is the experiment, in the order a run goes: configuration, data, model, loss, training,
-evaluation, figures and metrics, main. Part 2 is the plumbing that keeps long runs safe (the
-results directory and its lock, checkpoints and resume, the grouped data path, data files,
-atomic writes); the experiment reads without it. conv_vae.py describes its own networks as an
+Part 1 is the experiment: the model and its loss first (as keras.io's VAE example), then in the
+order a run goes: configuration, data, training, evaluation, figures and metrics, main. Part 2 is
+the plumbing that keeps long runs safe (data files, the results directory and its lock,
+checkpoints and resume, atomic writes) and, last, the speed work (grouped batches and XLA, off
+with --plain); the experiment reads without it. conv_vae.py describes its own networks as an
 `Architecture` and runs the same pipeline.
 """
 
@@ -40,201 +41,10 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
+
 # ==============================================================================================
 # PART 1: THE EXPERIMENT
 # ==============================================================================================
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-TEST_BINARIZATION_SEED = 0  # the binarized test set is the same for every run, so results compare
-MANIFOLD_SIZE = 30  # the manifold figure decodes a 30 x 30 grid of z ...
-MANIFOLD_LIMIT = 4.0  # ... over [-4, 4]^2
-INTERPOLATION_STEPS = 10
-WATCHED_IMAGES, WATCHED_SAMPLES = 10, 20  # what each progress frame shows
-LONG_STEP_SECONDS = 30  # a longer evaluation step first says how long, and how to skip it
-IW_DECODER_MEMORY = 512 * 2**20  # bytes of decoder activations per call of the likelihood estimate
-LOSS_CURVES_SHARE = 0.02  # loss_curves.png is redrawn when that costs under 2% of the training time
-DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
-ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh")
-# What defines a run: a resumed run must agree on these (and on its architecture's options).
-RUN_DEFINING = ("latent_dim", "batch_size", "learning_rate", "seed", "likelihood", "binarize",
-                "train_size", "test_size", "dtype_policy", "beta", "kl_warmup_epochs", "dataset",
-                "lr_schedule", "activation")
-CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # metrics.json's isa
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """What a model script gives the shared pipeline: its networks, options and defaults."""
-
-    script: str  # the program's name in messages and in the resume command
-    title: str  # in figures and the summary
-    description: str  # --help's first line
-    build_encoder: Callable  # (args, image_shape) -> keras.Model: x -> (z_mean, z_log_var)
-    build_decoder: Callable  # (args, image_shape) -> keras.Model: z -> x_hat in [0, 1]
-    add_options: Callable  # (argparse group) -> names of the options it added (run-defining)
-    epochs: int
-    batch_size: int
-    iw_samples: int  # the default K of the likelihood estimate
-    xla: bool  # XLA compilation (XLA_MIN_BATCHES): faster for dense layers, many times slower
-    # for CPU convolutions
-    batches_per_step: int  # batches per compiled training step (see VAE.train_step)
-    image_side_multiple: int = 1  # the decoder rebuilds only image sides that are multiples
-
-    @property
-    def results_dir(self):
-        return f"results/{Path(self.script).stem}"
-
-
-def build_parser(architecture):
-    """The command line; returns (parser, names of the architecture's own options)."""
-    parser = fid.OneLineErrorParser(prog=architecture.script, description=architecture.description,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train = parser.add_argument_group("model and training")
-    train.add_argument("--latent-dim", type=fid.positive_int, default=2, help="size of z")
-    train.add_argument("--epochs", type=fid.positive_int, default=architecture.epochs,
-                       help="total epochs to train to")
-    train.add_argument("--batch-size", type=fid.positive_int, default=architecture.batch_size,
-                       help="images per step")
-    train.add_argument("--learning-rate", type=fid.positive_float, default=1e-3,
-                       help="Adam learning rate")
-    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                       help="cosine: decay the learning rate to 0 along a half cosine over the "
-                            "--epochs of the run (Loshchilov & Hutter, 2017); it ends with the "
-                            "run, so --resume cannot extend it")
-    train.add_argument("--seed", type=int, default=0,
-                       help="seed for weights, shuffling, sampling and evaluation")
-    train.add_argument("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
-                       help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli is "
-                            "binary cross-entropy")
-    train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
-                       help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use "
-                            "(test set: once, fixed)")
-    train.add_argument("--beta", type=fid.positive_float, default=1.0,
-                       help="weight of the KL term in the training loss (beta-VAE); 1 is the "
-                            "ELBO. The test ELBO and likelihood estimate always weigh it 1")
-    train.add_argument("--kl-warmup-epochs", type=fid.non_negative_int, default=0,
-                       help="raise the KL weight linearly from 0 to --beta over the first N "
-                            "epochs (KL annealing)")
-    train.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
-                       help="Keras dtype policy: mixed_* computes the VAE's layers in 16 bits, in "
-                            "training and in the likelihood estimate; its variables, the loss, "
-                            "the ELBO and the FID networks stay float32. mixed_bfloat16 pays for "
-                            "conv_vae.py on CPUs with AMX")
-    train.add_argument("--plain", action="store_true",
-                       help="plain Keras training (arrays into fit, one batch per step, no XLA, "
-                            "Keras' own dropout): same maths, slower; the speed baseline")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=tuple(DATASETS), default="mnist",
-                      help="Keras' download when --data is not given; with --data, which labels "
-                           "its files hold (class names in the figures)")
-    data.add_argument("--data", default=None,
-                      help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four "
-                           "MNIST IDX files; default: Keras' download of --dataset")
-    data.add_argument("--train-size", type=fid.positive_int, default=None,
-                      help="train on the first N images (quick runs)")
-    data.add_argument("--test-size", type=fid.positive_int, default=None,
-                      help="evaluate on the first N test images")
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--fid", type=fid_kinds, default="pixel,classifier",
-                            help="FIDs to report: none, all, or a comma-separated subset of pixel "
-                                 "(the original's metric), classifier (features of a digit "
-                                 "classifier trained on --data: MNIST's is committed, others "
-                                 "are trained once and cached) and inception (the "
-                                 "standard FID; about 10 min per 10,000 images on a CPU)")
-    evaluation.add_argument("--fid-samples", type=fid.positive_int, default=10000,
-                            help="prior samples compared with the test images")
-    evaluation.add_argument("--inception-weights", default="imagenet",
-                            help="'imagenet' (Keras download) or a path to InceptionV3 weights "
-                                 "for offline machines")
-    evaluation.add_argument("--fid-batch-size", type=fid.positive_int, default=50,
-                            help="images per Inception batch")
-    evaluation.add_argument("--iw-samples", type=fid.non_negative_int,
-                            default=architecture.iw_samples,
-                            help="K of the importance-weighted log-likelihood estimate; 0 skips it")
-    runs = parser.add_argument_group("outputs and long runs")
-    runs.add_argument("--results-dir", default=architecture.results_dir,
-                      help="where every output and checkpoint goes")
-    runs.add_argument("--tensorboard", action="store_true",
-                      help="log loss terms and progress frames to <results-dir>/tensorboard/ "
-                           "(tensorboard --logdir results)")
-    runs.add_argument("--resume", action="store_true",
-                      help="continue the run in --results-dir to --epochs")
-    runs.add_argument("--from-previous-checkpoint", action="store_true",
-                      help="with --resume: continue from the checkpoint before the latest (kept "
-                           "for when the latest file is damaged)")
-    runs.add_argument("--overwrite", action="store_true",
-                      help="replace a run already in --results-dir")
-    runs.add_argument("--evaluate-only", action="store_true",
-                      help="rebuild figures and metrics from the saved model, without training")
-    runs.add_argument("--model", default=None,
-                      help="with --evaluate-only: a .keras file instead of "
-                           "<results-dir>/model.keras")
-    networks = parser.add_argument_group("architecture")
-    networks.add_argument("--activation", choices=ACTIVATIONS, default="relu",
-                          help="of the hidden layers")
-    return parser, tuple(architecture.add_options(networks))
-
-
-def fid_kinds(text):
-    """--fid: none, all, or a comma-separated subset of fid.FEATURE_KINDS, in canonical order."""
-    if text in ("none", "all"):
-        return () if text == "none" else fid.FEATURE_KINDS
-    kinds = [kind.strip() for kind in text.split(",")]
-    unknown = [kind for kind in kinds if kind not in fid.FEATURE_KINDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown FID {unknown[0]!r}: give none, all, or a "
-                                         f"comma-separated subset of {','.join(fid.FEATURE_KINDS)}")
-    return tuple(kind for kind in fid.FEATURE_KINDS if kind in kinds)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-DATASETS = {  # --dataset: Keras' download, the name in figures, and the class names
-    "mnist": (keras.datasets.mnist, "MNIST", tuple("0123456789")),
-    "fashion_mnist": (keras.datasets.fashion_mnist, "Fashion-MNIST", (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-        "Ankle boot")),
-}
-
-
-def load_dataset(path=None, dataset="mnist"):
-    """(x_train, y_train, x_test, y_test) as uint8 images and integer labels, from an .npz, a
-    folder of IDX files or Keras' download of the dataset; checked before any training."""
-    module, name, class_names = DATASETS[dataset]
-    if path is None:
-        try:
-            (x_train, y_train), (x_test, y_test) = module.load_data()
-        except Exception as e:
-            raise UsageError(f"cannot download {name} ({type(e).__name__}); "
-                             "pass --data PATH to a local copy") from None
-        arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-        source = f"keras.datasets.{dataset}"
-    else:
-        source = Path(path)
-        if source.is_dir():
-            arrays = load_idx_folder(source)
-        elif source.is_file():
-            arrays = load_npz(source)
-        else:
-            raise UsageError(f"{source}: no such file or directory")
-    check_arrays(arrays, source, len(class_names))
-    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
-
-
-def to_float_images(x):
-    """uint8 (N, H, W) -> float32 (N, H, W, 1) in [0, 1]."""
-    return (x.astype(np.float32) / 255.0)[..., None]
-
-
-def binarize_once(x, seed):
-    """A Bernoulli(intensity) draw of every pixel: the fixed binarized test set."""
-    return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
-
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -290,14 +100,6 @@ def dense_decoder(args, image_shape):
     h = dense_layers(z, args.hidden_dim, args.hidden_layers, args.activation)
     x_hat = layers.Dense(math.prod(image_shape), activation="sigmoid", dtype="float32")(h)
     return keras.Model(z, layers.Reshape(image_shape, dtype="float32")(x_hat), name="decoder")
-
-
-def add_dense_options(group):
-    group.add_argument("--hidden-dim", type=fid.positive_int, default=256,
-                       help="units of each hidden layer")
-    group.add_argument("--hidden-layers", type=fid.positive_int, default=1,
-                       help="hidden layers in the encoder, and as many in the decoder")
-    return ("hidden_dim", "hidden_layers")
 
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
@@ -487,6 +289,13 @@ def weighted_sum(terms, kl_weight):
     return sum(weighted[1:], start=weighted[0])
 
 
+def log_likelihood_constant(num_pixels, likelihood):
+    """What turns the reconstruction error into true nats: squared error is -log N(x; x_hat, 1/2)
+    less 0.5 * log(pi) per pixel (392 * log(pi) = 448.7 nats for MNIST); cross-entropy needs
+    nothing."""
+    return 0.5 * num_pixels * math.log(math.pi) if likelihood == "gaussian" else 0.0
+
+
 def loss_unit(likelihood, image_shape):
     """The loss curves' unit: the training loss is nats per image less the Gaussian decoder's
     constant (log_likelihood_constant), which the original's squared error leaves out."""
@@ -494,11 +303,180 @@ def loss_unit(likelihood, image_shape):
     return f"nats per image − {constant:.1f}" if constant else "nats per image"
 
 
-def log_likelihood_constant(num_pixels, likelihood):
-    """What turns the reconstruction error into true nats: squared error is -log N(x; x_hat, 1/2)
-    less 0.5 * log(pi) per pixel (392 * log(pi) = 448.7 nats for MNIST); cross-entropy needs
-    nothing."""
-    return 0.5 * num_pixels * math.log(math.pi) if likelihood == "gaussian" else 0.0
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+TEST_BINARIZATION_SEED = 0  # the binarized test set is the same for every run, so results compare
+MANIFOLD_SIZE = 30  # the manifold figure decodes a 30 x 30 grid of z ...
+MANIFOLD_LIMIT = 4.0  # ... over [-4, 4]^2
+INTERPOLATION_STEPS = 10
+WATCHED_IMAGES, WATCHED_SAMPLES = 10, 20  # what each progress frame shows
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh")
+# Every option of the model, data and architecture groups defines a run (a resumed run must
+# agree on it) but these: --epochs extends a run, --plain is the same maths at another speed,
+# --data says where the files are.
+REDEFINABLE = ("epochs", "plain", "data")
+
+
+def build_parser(architecture):
+    """The command line; returns (parser, {option: default} of the options that define a run)."""
+    parser = fid.OneLineErrorParser(prog=architecture.script, description=architecture.description,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = parser.add_argument_group("model and training")
+    train.add_argument("--latent-dim", type=fid.positive_int, default=2, help="size of z")
+    train.add_argument("--epochs", type=fid.positive_int, default=architecture.epochs,
+                       help="total epochs to train to")
+    train.add_argument("--batch-size", type=fid.positive_int, default=architecture.batch_size,
+                       help="images per step")
+    train.add_argument("--learning-rate", type=fid.positive_float, default=1e-3,
+                       help="Adam learning rate")
+    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="cosine: decay the learning rate to 0 along a half cosine over the "
+                            "--epochs of the run (Loshchilov & Hutter, 2017); it ends with the "
+                            "run, so --resume cannot extend it")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed for weights, shuffling, sampling and evaluation")
+    train.add_argument("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
+                       help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli is "
+                            "binary cross-entropy")
+    train.add_argument("--binarize", choices=("none", "dynamic"), default="none",
+                       help="dynamic: resample binary pixels ~ Bernoulli(intensity) at each use "
+                            "(test set: once, fixed)")
+    train.add_argument("--beta", type=fid.positive_float, default=1.0,
+                       help="weight of the KL term in the training loss (beta-VAE); 1 is the "
+                            "ELBO. The test ELBO and likelihood estimate always weigh it 1")
+    train.add_argument("--kl-warmup-epochs", type=fid.non_negative_int, default=0,
+                       help="raise the KL weight linearly from 0 to --beta over the first N "
+                            "epochs (KL annealing)")
+    train.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32",
+                       help="Keras dtype policy: mixed_* computes the VAE's layers in 16 bits, in "
+                            "training and in the likelihood estimate; its variables, the loss, "
+                            "the ELBO and the FID networks stay float32. mixed_bfloat16 pays for "
+                            "conv_vae.py on CPUs with AMX")
+    train.add_argument("--plain", action="store_true",
+                       help="plain Keras training (arrays into fit, one batch per step, no XLA, "
+                            "Keras' own dropout): same maths, slower; the speed baseline")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=tuple(DATASETS), default="mnist",
+                      help="Keras' download when --data is not given; with --data, which labels "
+                           "its files hold (class names in the figures)")
+    data.add_argument("--data", default=None,
+                      help="an .npz (x_train, y_train, x_test, y_test) or a folder of the four "
+                           "MNIST IDX files; default: Keras' download of --dataset")
+    data.add_argument("--train-size", type=fid.positive_int, default=None,
+                      help="train on the first N images (quick runs)")
+    data.add_argument("--test-size", type=fid.positive_int, default=None,
+                      help="evaluate on the first N test images")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--fid", type=fid_kinds, default="pixel,classifier",
+                            help="FIDs to report: none, all, or a comma-separated subset of pixel "
+                                 "(the original's metric), classifier (features of a digit "
+                                 "classifier trained on --data: MNIST's is committed, others "
+                                 "are trained once and cached) and inception (the "
+                                 "standard FID; about 10 min per 10,000 images on a CPU)")
+    evaluation.add_argument("--fid-samples", type=fid.positive_int, default=10000,
+                            help="prior samples compared with the test images")
+    evaluation.add_argument("--inception-weights", default="imagenet",
+                            help="'imagenet' (Keras download) or a path to InceptionV3 weights "
+                                 "for offline machines")
+    evaluation.add_argument("--fid-batch-size", type=fid.positive_int, default=50,
+                            help="images per Inception batch")
+    evaluation.add_argument("--iw-samples", type=fid.non_negative_int,
+                            default=architecture.iw_samples,
+                            help="K of the importance-weighted log-likelihood estimate; 0 skips it")
+    runs = parser.add_argument_group("outputs and long runs")
+    runs.add_argument("--results-dir", default=architecture.results_dir,
+                      help="where every output and checkpoint goes")
+    runs.add_argument("--tensorboard", action="store_true",
+                      help="log loss terms and progress frames to <results-dir>/tensorboard/ "
+                           "(tensorboard --logdir results)")
+    runs.add_argument("--resume", action="store_true",
+                      help="continue the run in --results-dir to --epochs")
+    runs.add_argument("--from-previous-checkpoint", action="store_true",
+                      help="with --resume: continue from the checkpoint before the latest (kept "
+                           "for when the latest file is damaged)")
+    runs.add_argument("--overwrite", action="store_true",
+                      help="replace a run already in --results-dir")
+    runs.add_argument("--evaluate-only", action="store_true",
+                      help="rebuild figures and metrics from the saved model, without training")
+    runs.add_argument("--model", default=None,
+                      help="with --evaluate-only: a .keras file instead of "
+                           "<results-dir>/model.keras")
+    networks = parser.add_argument_group("architecture")
+    networks.add_argument("--activation", choices=ACTIVATIONS, default="relu",
+                          help="of the hidden layers")
+    architecture.add_options(networks)
+    defining = [action.dest for group in (train, data, networks)
+                for action in group._group_actions  # argparse keeps no public list
+                if action.dest not in REDEFINABLE]
+    return parser, {key: parser.get_default(key) for key in defining}
+
+
+def add_dense_options(group):
+    group.add_argument("--hidden-dim", type=fid.positive_int, default=256,
+                       help="units of each hidden layer")
+    group.add_argument("--hidden-layers", type=fid.positive_int, default=1,
+                       help="hidden layers in the encoder, and as many in the decoder")
+
+
+def fid_kinds(text):
+    """--fid: none, all, or a comma-separated subset of fid.FEATURE_KINDS, in canonical order."""
+    if text in ("none", "all"):
+        return () if text == "none" else fid.FEATURE_KINDS
+    kinds = [kind.strip() for kind in text.split(",")]
+    unknown = [kind for kind in kinds if kind not in fid.FEATURE_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown FID {unknown[0]!r}: give none, all, or a "
+                                         f"comma-separated subset of {','.join(fid.FEATURE_KINDS)}")
+    return tuple(kind for kind in fid.FEATURE_KINDS if kind in kinds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = {  # --dataset: Keras' download, the name in figures, and the class names
+    "mnist": (keras.datasets.mnist, "MNIST", tuple("0123456789")),
+    "fashion_mnist": (keras.datasets.fashion_mnist, "Fashion-MNIST", (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+        "Ankle boot")),
+}
+
+
+def load_dataset(path=None, dataset="mnist"):
+    """(x_train, y_train, x_test, y_test) as uint8 images and integer labels, from an .npz, a
+    folder of IDX files or Keras' download of the dataset; checked before any training."""
+    module, name, class_names = DATASETS[dataset]
+    if path is None:
+        try:
+            (x_train, y_train), (x_test, y_test) = module.load_data()
+        except Exception as e:
+            raise UsageError(f"cannot download {name} ({type(e).__name__}); "
+                             "pass --data PATH to a local copy") from None
+        arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        source = f"keras.datasets.{dataset}"
+    else:
+        source = Path(path)
+        if source.is_dir():
+            arrays = load_idx_folder(source)
+        elif source.is_file():
+            arrays = load_npz(source)
+        else:
+            raise UsageError(f"{source}: no such file or directory")
+    check_arrays(arrays, source, len(class_names))
+    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+
+
+def to_float_images(x):
+    """uint8 (N, H, W) -> float32 (N, H, W, 1) in [0, 1]."""
+    return (x.astype(np.float32) / 255.0)[..., None]
+
+
+def binarize_once(x, seed):
+    """A Bernoulli(intensity) draw of every pixel: the fixed binarized test set."""
+    return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,7 +519,8 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
     frames = ProgressFrames(results_dir, x_test[:WATCHED_IMAGES], watch_z, checkpoints)
     unit = loss_unit(args.likelihood, x_test.shape[1:])
     callbacks = [frames, checkpoints,  # each epoch's frame is saved before its checkpoint
-                 HistoryCSV(results_dir, checkpoints), LossCurves(results_dir, title, unit, checkpoints),
+                 HistoryCSV(results_dir, checkpoints),
+                 LossCurves(results_dir, title, unit, checkpoints),
                  keras.callbacks.TerminateOnNaN()]
     if args.tensorboard:  # after the checkpoint: an epoch is logged once it is committed, so a
         # resume that repeats an uncommitted epoch never logs a step twice
@@ -630,6 +609,9 @@ def interpolate(model, x, labels, z_mean, class_names, steps=INTERPOLATION_STEPS
 
 def standard_normal_log_density(x):
     return -0.5 * (math.log(2 * math.pi) + ops.square(x))
+
+
+IW_DECODER_MEMORY = 512 * 2**20  # bytes of decoder activations per call of the likelihood estimate
 
 
 def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_batch=100,
@@ -796,11 +778,11 @@ def print_summary(title, metrics, results_dir):
     """The run's numbers (fid.RUN_METRICS, and each loss term's test value) with their units,
     after a headline: the original repository's metric and the ELBO."""
     print(f"\n{title}: {count_of(metrics['epochs'], 'epoch')}, results in {results_dir}/")
-    headline = {"fid_pixel_recon": "pixel FID of the reconstructions (the original's metric)",
-                "test_elbo": "test ELBO"}
-    print("  " + ", ".join(f"{label} {metrics[key]:.3f}" + (" nats per image" * (key == "test_elbo"))
-                           for key, label in headline.items() if metrics.get(key) is not None)
-          + "\n")
+    headline = {"fid_pixel_recon": ("pixel FID of the reconstructions (the original's metric)", ""),
+                "test_elbo": ("test ELBO", " nats per image")}
+    print("  " + ", ".join(f"{label} {metrics[key]:.3f}{unit}"
+                           for key, (label, unit) in headline.items()
+                           if metrics.get(key) is not None) + "\n")
     shown = {key: (metric.digits, metric.unit) for key, metric in fid.RUN_METRICS.items()}
     terms = {f"test_{name}": (3, "nats per image") for name in LOSS_TERMS}
     order = list(shown)
@@ -888,7 +870,7 @@ def main(argv=None, architecture=None):
     before any work is lost), 1 for a failed run, 130 for an interrupt."""
     architecture = architecture or DENSE
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, architecture_options = build_parser(architecture)
+    parser, run_defining = build_parser(architecture)
     args = parser.parse_args(argv)
     if args.model and not args.evaluate_only:
         parser.error("--model goes with --evaluate-only")
@@ -897,7 +879,6 @@ def main(argv=None, architecture=None):
     if sum((args.resume, args.overwrite, args.evaluate_only)) > 1:
         parser.error("choose one of --resume, --overwrite and --evaluate-only")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill checkpoints too
-    run_defining = {key: parser.get_default(key) for key in RUN_DEFINING + architecture_options}
     code = None
     try:
         code = fid.exit_code(parser.prog, lambda: run(args, architecture, run_defining,
@@ -907,16 +888,37 @@ def main(argv=None, architecture=None):
     return code
 
 
-DENSE = Architecture(script="vae.py", title="Dense VAE", description=__doc__.splitlines()[0],
-                     build_encoder=dense_encoder, build_decoder=dense_decoder,
-                     add_options=add_dense_options, epochs=30, batch_size=64, iw_samples=1000,
-                     xla=True, batches_per_step=67)
-
-
 # ==============================================================================================
-# PART 2: PLUMBING (errors, data files, the results directory, checkpoints and resume, the
-# grouped data path, outputs)
+# PART 2: PLUMBING (what a model script plugs in, data files, the results directory,
+# checkpoints and resume, outputs, and the speed work)
 # ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# What a model script gives the pipeline (conv_vae.py's CONV, this file's DENSE at the end)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What a model script gives the shared pipeline: its networks, options and defaults."""
+
+    script: str  # the program's name in messages and in the resume command
+    title: str  # in figures and the summary
+    description: str  # --help's first line
+    build_encoder: Callable  # (args, image_shape) -> keras.Model: x -> (z_mean, z_log_var)
+    build_decoder: Callable  # (args, image_shape) -> keras.Model: z -> x_hat in [0, 1]
+    add_options: Callable  # (argparse group): adds the networks' options (they define a run)
+    epochs: int
+    batch_size: int
+    iw_samples: int  # the default K of the likelihood estimate
+    xla: bool  # XLA compilation (XLA_MIN_BATCHES): faster for dense layers, many times slower
+    # for CPU convolutions
+    batches_per_step: int  # batches per compiled training step (see VAE.train_step)
+    image_side_multiple: int = 1  # the decoder rebuilds only image sides that are multiples
+
+    @property
+    def results_dir(self):
+        return f"results/{Path(self.script).stem}"
+
 
 # ----------------------------------------------------------------------------------------------
 # Data files: MNIST's IDX format and .npz, checked before training
@@ -998,7 +1000,8 @@ def check_arrays(arrays, source, num_classes):
 
 
 # ----------------------------------------------------------------------------------------------
-# The results directory: refuse to clobber a run, hold it for the run's whole life
+# The results directory: refuse to clobber a run, hold it for the run's whole life; the
+# options and data checked before training
 # ----------------------------------------------------------------------------------------------
 
 CHECKPOINT_STATE = "checkpoint.json"
@@ -1184,7 +1187,7 @@ def prepare_inception(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and resume
+# Checkpoints and resume, and the other callbacks of training (one per job)
 # ----------------------------------------------------------------------------------------------
 
 def finite(logs):
@@ -1290,6 +1293,9 @@ class HistoryCSV(keras.callbacks.Callback):
         if finite(logs):
             write_history_csv(self.path, self.checkpoints.history,
                               self.checkpoints.seconds_per_epoch)
+
+
+LOSS_CURVES_SHARE = 0.02  # loss_curves.png is redrawn when that costs under 2% of the training time
 
 
 class LossCurves(keras.callbacks.Callback):
@@ -1425,6 +1431,110 @@ def load_saved_model(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Outputs: every file is written to a temporary name and renamed (fid.atomic_write), so none is
+# ever half-written
+# ----------------------------------------------------------------------------------------------
+
+def write_json(path, data):
+    fid.atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_history_csv(path, history, seconds_per_epoch):
+    def write(temporary):
+        with open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", *history, "seconds"])
+            for epoch, row in enumerate(zip(*history.values(), seconds_per_epoch), start=1):
+                writer.writerow([epoch, *(f"{value:.6g}" for value in row)])
+    fid.atomic_write(path, write)
+
+
+def save_figure(figure, path):
+    fid.atomic_write(path, lambda p: figure.savefig(p, format="png"))
+
+
+def save_model(model, path):
+    fid.atomic_write(path, model.save)
+
+
+def save_progress_animation(results_dir):
+    rows = ["test", "decoded", *["prior"] * math.ceil(WATCHED_SAMPLES / WATCHED_IMAGES)]
+    images = plot_utils.progress_animation(read_frames(results_dir), row_labels=rows)
+    fid.atomic_write(results_dir / "progress.gif", lambda p: images[0].save(
+        p, format="GIF", save_all=True, append_images=images[1:], duration=200, loop=0))
+
+
+def decoded_image_bytes(decoder):
+    """float32 bytes of every layer output of the decoder, and the repeated input, for one image:
+    an upper bound on what one decoded sample holds in memory."""
+    return 4 * (sum(math.prod(layer.output.shape[1:]) for layer in decoder.layers[1:])
+                + math.prod(decoder.output.shape[1:]))
+
+
+LONG_STEP_SECONDS = 30  # a longer evaluation step first says how long, and how to skip it
+
+
+class ProgressAfterWarmup:
+    """A keras.utils.Progbar over `total` items that starts after the first batch (which holds
+    the tracing) and, when the whole step will take longer than LONG_STEP_SECONDS, first says how
+    long and how to skip it."""
+
+    def __init__(self, total, what, skip_hint, verbose=True):
+        self.total, self.what, self.skip_hint, self.verbose = total, what, skip_hint, verbose
+        self.start, self.first_done, self.bar = time.perf_counter(), None, None
+
+    def update(self, done):
+        if not self.verbose:
+            return
+        if self.first_done is None and done < self.total:
+            self.first_done, self.first_seconds = done, time.perf_counter() - self.start
+            return
+        if self.bar is None:
+            elapsed = time.perf_counter() - self.start
+            if self.first_done is not None:
+                rate = (elapsed - self.first_seconds) / (done - self.first_done)
+                expected = elapsed + rate * (self.total - done)
+                if expected > LONG_STEP_SECONDS:
+                    print(f"{self.what} of {self.total} images: about {expected:.0f} s "
+                          f"({self.skip_hint})")
+            print(f"{self.what}:")
+            self.bar = keras.utils.Progbar(self.total, unit_name="image")
+        self.bar.update(done)
+
+
+CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # metrics.json's isa
+
+
+def machine_record():
+    """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU and
+    differ in late digits across kinds (oneDNN picks other kernels for AVX2, AVX-512 and AMX), so
+    every metrics.json says which made it."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    isa = next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "isa": isa, "cores": cores,
+            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or cores,
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or cores}
+
+
+def library_versions():
+    import matplotlib
+    import scipy
+
+    return {"python": sys.version.split()[0], "tensorflow": tf.__version__,
+            "keras": keras.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "matplotlib": matplotlib.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
 # Speed: the grouped data path (batches gathered into groups, one compiled step per group) and
 # XLA. --plain trains without them: the same maths, the speed baseline.
 # ----------------------------------------------------------------------------------------------
@@ -1498,101 +1608,13 @@ def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epo
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs: every file is written to a temporary name and renamed (fid.atomic_write), so none is
-# ever half-written
+# The dense script
 # ----------------------------------------------------------------------------------------------
 
-def write_json(path, data):
-    fid.atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def write_history_csv(path, history, seconds_per_epoch):
-    def write(temporary):
-        with open(temporary, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["epoch", *history, "seconds"])
-            for epoch, row in enumerate(zip(*history.values(), seconds_per_epoch), start=1):
-                writer.writerow([epoch, *(f"{value:.6g}" for value in row)])
-    fid.atomic_write(path, write)
-
-
-def save_figure(figure, path):
-    fid.atomic_write(path, lambda p: figure.savefig(p, format="png"))
-
-
-def save_model(model, path):
-    fid.atomic_write(path, model.save)
-
-
-def save_progress_animation(results_dir):
-    rows = ["test", "decoded", *["prior"] * math.ceil(WATCHED_SAMPLES / WATCHED_IMAGES)]
-    images = plot_utils.progress_animation(read_frames(results_dir), row_labels=rows)
-    fid.atomic_write(results_dir / "progress.gif", lambda p: images[0].save(
-        p, format="GIF", save_all=True, append_images=images[1:], duration=200, loop=0))
-
-
-def decoded_image_bytes(decoder):
-    """float32 bytes of every layer output of the decoder, and the repeated input, for one image:
-    an upper bound on what one decoded sample holds in memory."""
-    return 4 * (sum(math.prod(layer.output.shape[1:]) for layer in decoder.layers[1:])
-                + math.prod(decoder.output.shape[1:]))
-
-
-class ProgressAfterWarmup:
-    """A keras.utils.Progbar over `total` items that starts after the first batch (which holds
-    the tracing) and, when the whole step will take longer than LONG_STEP_SECONDS, first says how
-    long and how to skip it."""
-
-    def __init__(self, total, what, skip_hint, verbose=True):
-        self.total, self.what, self.skip_hint, self.verbose = total, what, skip_hint, verbose
-        self.start, self.first_done, self.bar = time.perf_counter(), None, None
-
-    def update(self, done):
-        if not self.verbose:
-            return
-        if self.first_done is None and done < self.total:
-            self.first_done, self.first_seconds = done, time.perf_counter() - self.start
-            return
-        if self.bar is None:
-            elapsed = time.perf_counter() - self.start
-            if self.first_done is not None:
-                rate = (elapsed - self.first_seconds) / (done - self.first_done)
-                expected = elapsed + rate * (self.total - done)
-                if expected > LONG_STEP_SECONDS:
-                    print(f"{self.what} of {self.total} images: about {expected:.0f} s "
-                          f"({self.skip_hint})")
-            print(f"{self.what}:")
-            self.bar = keras.utils.Progbar(self.total, unit_name="image")
-        self.bar.update(done)
-
-
-def machine_record():
-    """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU and
-    differ in late digits across kinds (oneDNN picks other kernels for AVX2, AVX-512 and AMX), so
-    every metrics.json says which made it."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                      if line.startswith("flags")), []))
-    isa = next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "isa": isa, "cores": cores,
-            "onednn": bool(_pywrap_util_port.IsMklEnabled()),
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or cores,
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or cores}
-
-
-def library_versions():
-    import matplotlib
-    import scipy
-
-    return {"python": sys.version.split()[0], "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "matplotlib": matplotlib.__version__}
+DENSE = Architecture(script="vae.py", title="Dense VAE", description=__doc__.splitlines()[0],
+                     build_encoder=dense_encoder, build_decoder=dense_decoder,
+                     add_options=add_dense_options, epochs=30, batch_size=64, iw_samples=1000,
+                     xla=True, batches_per_step=67)
 
 
 if __name__ == "__main__":
