@@ -81,6 +81,7 @@ def run_metrics():
         "fid_pixel_recon": Metric(False, 3, 2, "", "pixel FID recon"),
         "test_elbo": Metric(True, 3, 2, "nats per image", "test ELBO"),
         "test_log_likelihood_iw": Metric(True, 3, 2, "nats per image", "log p(x)"),
+        "active_units": Metric(True, 0, 0, "latent dimensions in use", "active units"),
         "final_train_loss": Metric(False, 3, 2, "per image, as trained", "train loss"),
         "final_test_loss": Metric(False, 3, 2, "per image, as trained", "test loss"),
     }

@@ -607,6 +607,20 @@ def interpolate(model, x, labels, z_mean, class_names, steps=INTERPOLATION_STEPS
     return x[starts], decoded, x[ends], names
 
 
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda, Grosse and Salakhutdinov (2016), section 5.2
+
+
+def latent_usage(z_mean, z_log_var):
+    """Which latent dimensions the model uses, from the test set's posteriors: a dimension is an
+    active unit when its posterior mean varies over the test images, Cov_x(E_q(z|x)[z_d]) > 0.01
+    (Burda et al. 2016); a collapsed one has the prior as its posterior for every image, and a KL
+    near 0 (kl_per_dimension, nats per image, averaged over the test set)."""
+    activity = np.var(z_mean.astype(np.float64), axis=0)
+    kl = ops.convert_to_numpy(kl_divergence(z_mean[..., None], z_log_var[..., None]))
+    return {"active_units": int(np.sum(activity > ACTIVE_UNIT_THRESHOLD)),
+            "kl_per_dimension": [float(value) for value in np.mean(kl, axis=0)]}
+
+
 def standard_normal_log_density(x):
     return -0.5 * (math.log(2 * math.pi) + ops.square(x))
 
@@ -736,6 +750,7 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
     reconstructions, terms = evaluate_elbo(model, test_images, args.seed, posterior)
     metrics["test_elbo"] = float(np.mean(elbo(terms)))
     metrics.update({f"test_{name}": float(np.mean(values)) for name, values in terms.items()})
+    metrics.update(latent_usage(*posterior))
     class_names = DATASETS[args.dataset][2]
     named_classes = None if args.dataset == "mnist" else class_names  # digits label themselves
     save_figure(plot_utils.reconstructions(test_images[:100], reconstructions[:100], title=title,
@@ -792,6 +807,9 @@ def print_summary(title, metrics, results_dir):
             digits, unit = {**shown, **terms}[key]
             value = "null" if metrics[key] is None else f"{metrics[key]:.{digits}f}"
             print(f"  {key:30s} {value:>10s}  {unit}".rstrip())
+    if "kl_per_dimension" in metrics:
+        values = ", ".join(f"{value:.3f}" for value in metrics["kl_per_dimension"])
+        print(f"  {'kl_per_dimension':30s} {values}  nats per image")
     if metrics.get("seconds_per_epoch"):
         print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):10.2f}")
 
@@ -1201,7 +1219,9 @@ class Checkpoints(keras.callbacks.Callback):
     point) names it, then older model files are removed: a kill at any moment leaves a
     consistent checkpoint behind. The checkpoint of epoch N - 1 stays (checkpoint-previous.json
     and its model), so a damaged latest file costs one epoch, not the run. An epoch whose losses
-    are not finite is not saved, and stops the run (diverged_epoch).
+    are not finite is not saved, and stops the run (diverged_epoch). Keras' BackupAndRestore keeps
+    the weights and the optimizer, but not the random generators' states or the history, so a run
+    resumed from it would not learn what an unbroken one does.
     """
 
     def __init__(self, results_dir, config, resumed_from=None):

@@ -173,6 +173,31 @@ def test_a_regulariser_trains_but_stays_out_of_the_elbo(monkeypatch):
     np.testing.assert_array_equal(vae.elbo(terms), -(terms["reconstruction"] + terms["kl"]))
 
 
+def test_active_units_and_kl_per_dimension_tell_a_collapsed_dimension_from_a_used_one():
+    """Burda et al.'s active units: a dimension whose posterior is the prior for every image (its
+    mean and log-variance weights zero, and the decoder's weights from it zero: the decoder
+    ignores it) is inactive with a KL of 0; a dimension that encodes the images is active."""
+    args = argparse.Namespace(latent_dim=2, hidden_dim=16, hidden_layers=1, activation="relu")
+    model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
+    x = vae.to_float_images(tiny_digits(200, np.random.default_rng(0))[0])
+    used = vae.latent_usage(*vae.encode(model, x))
+    assert used["active_units"] == 2 and min(used["kl_per_dimension"]) > 0
+    for name in ("z_mean", "z_log_var"):
+        kernel, bias = model.encoder.get_layer(name).get_weights()
+        kernel[:, 1], bias[1] = 0, 0
+        model.encoder.get_layer(name).set_weights([kernel, bias])
+    first = model.decoder.layers[1]
+    kernel, bias = first.get_weights()
+    kernel[1] = 0
+    first.set_weights([kernel, bias])
+    collapsed = vae.latent_usage(*vae.encode(model, x))
+    assert collapsed["active_units"] == 1 and collapsed["kl_per_dimension"][1] == 0.0
+    assert collapsed["kl_per_dimension"][0] == pytest.approx(used["kl_per_dimension"][0], rel=1e-6)
+    z_mean, z_log_var = vae.encode(model, x)
+    total = float(np.mean(keras.ops.convert_to_numpy(vae.kl_divergence(z_mean, z_log_var))))
+    assert sum(collapsed["kl_per_dimension"]) == pytest.approx(total, rel=1e-5)  # the KL, split by dimension
+
+
 def test_gaussian_constant_turns_squared_error_into_a_density():
     assert vae.log_likelihood_constant(784, "gaussian") == pytest.approx(392 * math.log(math.pi))
     x, x_hat = np.array([0.3, 0.9]), np.array([0.5, 0.4])
@@ -539,6 +564,7 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     (["--activation", "sigmoid"], "--activation: invalid choice: 'sigmoid'"),
     (["--lr-schedule", "step"], "--lr-schedule: invalid choice: 'step'"),
     (["--fid", "pixel,fancy"], "unknown FID 'fancy': give none, all, or a comma-separated subset of pixel,classifier,inception"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: --epoch is not --epochs
 ])
 def test_invalid_arguments_exit_2_with_one_line(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -657,6 +683,10 @@ def test_run_writes_every_output(finished_run):
     results_dir, result = finished_run
     metrics = check_finished_run(results_dir, epochs=2)
     assert metrics["iw_samples"] == 8 and metrics["test_log_likelihood_iw"] >= metrics["test_elbo"] - 1.0
+    assert metrics["active_units"] in (0, 1, 2) and len(metrics["kl_per_dimension"]) == 2
+    assert sum(metrics["kl_per_dimension"]) == pytest.approx(metrics["test_kl"], rel=1e-5)
+    assert re.search(r"active_units +\d  latent dimensions in use", result.stdout)
+    assert re.search(r"kl_per_dimension +[\d.]+, [\d.]+  nats per image", result.stdout)
     for images in ("recon", "samples"):  # beside the classifier FID: KID and the k-NN metrics
         assert metrics[f"kid_classifier_{images}_std"] >= 0
         for metric in ("precision", "recall", "coverage"):
