@@ -64,8 +64,9 @@ POLL_SECONDS = 0.2  # how often a worker reads its run's history.csv
 # The columns of results/tuning.csv: one run per row.
 CSV_METRICS = ("fid_pixel_recon", "fid_pixel_samples", "fid_classifier_samples",
                "fid_classifier_recon", "test_log_likelihood_iw", "test_elbo")
+RUN_COLUMNS = ("active_units", "latent_dim", "cpu")  # later additions: a file may lack them
 CSV_COLUMNS = ("script", "flags", "seed", "epochs", *CSV_METRICS, "iw_samples", "train_seconds",
-               "seconds")
+               "seconds", *RUN_COLUMNS)
 # The metrics the report shows beside the objective (whose range over seeds it shows too).
 REPORTED = ("fid_pixel_recon", "fid_classifier_samples", "test_elbo", "test_log_likelihood_iw")
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -480,6 +481,8 @@ class Objective:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 trial.set_user_attr(key, value)
         trial.set_user_attr("train_seconds", round(sum(metrics.get("seconds_per_epoch", []))))
+        trial.set_user_attr("latent_dim", metrics["config"]["latent_dim"])
+        trial.set_user_attr("cpu", metrics.get("machine", {}).get("isa"))  # float32 differs by kind
         trial.set_user_attr("seconds", round(time.perf_counter() - start))
         return metrics[sweep["objective"]]
 
@@ -614,6 +617,16 @@ def median(trials, key):
     return statistics.median(values) if values else None
 
 
+def dimensions_used(trials):
+    """"k of n": the runs whose active units are all their latent dimensions (posterior collapse
+    leaves one unused), of those that measured them."""
+    known = [trial.user_attrs for trial in trials
+             if trial.user_attrs.get("active_units") is not None]
+    if not known:
+        return "—"
+    return f"{sum(run['active_units'] == run['latent_dim'] for run in known)} of {len(known)}"
+
+
 def report_table(study):
     """The markdown table of a study: one row per configuration, best median first."""
     objective = study.user_attrs["sweep"]["objective"]
@@ -621,7 +634,8 @@ def report_table(study):
     sign = 1 if direction(objective) == "minimize" else -1
     header = ["script", "flags", "epochs", "seeds",
               f"{fid.RUN_METRICS[objective].label}: median (range)",
-              *(fid.RUN_METRICS[metric].label for metric in others), "training (s)", "run (s)"]
+              *(fid.RUN_METRICS[metric].label for metric in others), "every latent dimension used",
+              "CPU", "training (s)", "run (s)"]
     rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     groups = sorted(configurations(study).items(),
                     key=lambda group: sign * statistics.median(trial.value for trial in group[1]))
@@ -637,7 +651,9 @@ def report_table(study):
             cells.append(number(median(trials, metric), fid.RUN_METRICS[metric].table_digits))
             if metric == "test_log_likelihood_iw" and median(trials, metric) is not None:
                 cells[-1] += f" (K={trials[0].user_attrs['iw_samples']})"
-        cells += [number(median(trials, "train_seconds"), 0), number(median(trials, "seconds"), 0)]
+        cells += [dimensions_used(trials),
+                  "/".join(sorted({str(trial.user_attrs.get("cpu") or "—") for trial in trials})),
+                  number(median(trials, "train_seconds"), 0), number(median(trials, "seconds"), 0)]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
 
@@ -684,7 +700,8 @@ def read_csv(path):
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    missing = [column for column in CSV_COLUMNS if rows and column not in rows[0]]
+    missing = [column for column in CSV_COLUMNS
+               if rows and column not in rows[0] and column not in RUN_COLUMNS]
     if missing:
         raise UsageError(f"{path}: no column {missing[0]} (expected {','.join(CSV_COLUMNS)})")
     return rows
@@ -713,8 +730,8 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
         for name, values in choices.items()}
     added = 0
     for row, run in zip(rows, params):
-        attrs = {key: (row[key] if key in ("script", "flags") else choice(row[key]) if row[key]
-                       else None) for key in CSV_COLUMNS}
+        attrs = {key: (row[key] if key in ("script", "flags") else choice(row[key])
+                       if row.get(key) else None) for key in CSV_COLUMNS}
         if run_key(attrs) in held or attrs.get(objective) is None:
             continue
         study.add_trial(optuna.trial.create_trial(

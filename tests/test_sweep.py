@@ -76,7 +76,8 @@ except KeyboardInterrupt:
     (folder / "interrupted").touch()
     sys.exit(130)
 metrics = {"fid_pixel_recon": losses[-1], "test_elbo": -losses[-1], "epochs": len(losses),
-           "seconds_per_epoch": [args.sleep] * len(losses)}
+           "seconds_per_epoch": [args.sleep] * len(losses), "config": {"latent_dim": 2},
+           "machine": {"isa": "avx2"}, "active_units": 2 if args.seed == 0 else 1}
 (folder / "metrics.json").write_text(json.dumps(metrics))
 '''
 
@@ -312,6 +313,8 @@ def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_
     assert code == 0, err
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3 and all("| 0,1 |" in line for line in table[1:])  # header, rows
+    assert "every latent dimension used | CPU |" in table[0]
+    assert all("| 1 of 2 | avx2 |" in line for line in table[1:])  # seed 1's runs use one
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize()
