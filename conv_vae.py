@@ -21,26 +21,28 @@ from keras import layers, ops
 # The networks
 # ----------------------------------------------------------------------------------------------
 
-def conv_encoder(args, image_shape):
+def conv_encoder(args, image_shape, classes=0):
     """HxWx1 -> Conv(f, s2) -> Conv(2f, s2) -> Dropout -> Dense(32) -> (mean, log-variance);
-    --dense-layers N stacks N dense layers of --dense-units there."""
+    --dense-layers N stacks N dense layers of --dense-units there. A conditional VAE's label joins
+    the convolutions' features, before the dense layers."""
     conv, _ = convolutions(args)
     x = keras.Input(image_shape)
     h = conv(args.filters, 3, strides=2, padding="same", activation=args.activation)(x)
     h = conv(2 * args.filters, 3, strides=2, padding="same", activation=args.activation)(h)
-    h = vae.dense_layers(layers.Flatten()(dropout(args)(h)), args.dense_units, args.dense_layers,
-                         args.activation)
-    return keras.Model(x, vae.posterior_head(h, args.latent_dim), name="encoder")
+    inputs, h = vae.conditioned(x, layers.Flatten()(dropout(args)(h)), classes)
+    h = vae.dense_layers(h, args.dense_units, args.dense_layers, args.activation)
+    return keras.Model(inputs, vae.posterior_head(h, args.latent_dim), name="encoder")
 
 
-def conv_decoder(args, image_shape):
+def conv_decoder(args, image_shape, classes=0):
     """latent -> Dense(H/4 * W/4 * 2f) -> ConvT(2f, s2) -> ConvT(f, s2) -> Dropout -> ConvT(1,
     sigmoid); --dense-layers N puts N - 1 dense layers of --dense-units first, mirroring the
-    encoder."""
+    encoder. A conditional VAE's label joins z."""
     _, conv_transpose = convolutions(args)
     height, width = image_shape[0] // 4, image_shape[1] // 4  # two stride-2 convolutions
     z = keras.Input((args.latent_dim,))
-    h = vae.dense_layers(z, args.dense_units, args.dense_layers - 1, args.activation)
+    inputs, h = vae.conditioned(z, z, classes)
+    h = vae.dense_layers(h, args.dense_units, args.dense_layers - 1, args.activation)
     h = layers.Dense(height * width * 2 * args.filters, activation=args.activation)(h)
     h = layers.Reshape((height, width, 2 * args.filters))(h)
     h = conv_transpose(2 * args.filters, 3, strides=2, padding="same",
@@ -49,7 +51,7 @@ def conv_decoder(args, image_shape):
     h = dropout(args)(h)
     logits = conv_transpose(1, 3, padding="same")(h)
     x_hat = layers.Activation("sigmoid", dtype="float32")(logits)  # see vae.posterior_head
-    return keras.Model(z, x_hat, name="decoder")
+    return keras.Model(inputs, x_hat, name="decoder")
 
 
 def add_conv_options(group):

@@ -98,6 +98,8 @@ def run_metrics():
                                                             f"{kind} {name} {images}")
     metrics["classifier_test_accuracy"] = Metric(True, 4, 4, "of test images",
                                                  "classifier accuracy")
+    metrics["label_accuracy"] = Metric(True, 4, 3, "of samples of the class asked for",
+                                       "label accuracy")
     return metrics
 
 
@@ -254,15 +256,18 @@ def format_duration(seconds: float) -> str:
 
 
 def in_batches(network, inputs, batch_size=1000, prepare=None):
-    """A Keras network's outputs for all inputs, as NumPy arrays (a list of them for several
-    outputs). Eager calls, batch by batch: the same values as predict, without the function
-    predict traces for each network and input shape. prepare(batch) converts each batch first,
-    so that only one batch of the converted inputs is ever held."""
+    """A Keras network's outputs for all inputs (an array, or a list of arrays for a network of
+    several inputs), as NumPy arrays (a list of them for several outputs). Eager calls, batch by
+    batch: the same values as predict, without the function predict traces for each network and
+    input shape. prepare(batch) converts each batch first, so that only one batch of the converted
+    inputs is ever held."""
     import keras
 
+    several = isinstance(inputs, list)
     outputs = []
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
+    for start in range(0, len(inputs[0] if several else inputs), batch_size):
+        batch = ([part[start:start + batch_size] for part in inputs] if several
+                 else inputs[start:start + batch_size])
         outputs.append(network(prepare(batch) if prepare else batch, training=False))
     if isinstance(outputs[0], (list, tuple)):
         return [np.concatenate([keras.ops.convert_to_numpy(batch[i]) for batch in outputs])

@@ -292,3 +292,79 @@ def samples(images, title="VAE"):
     _show_digits(ax, _tile(images, ncols=ncols, gap=2))
     ax.set_title(f"{title}: samples from the prior")
     return fig
+
+
+def _labelled_grid(cells, row_labels, column_labels, title, xlabel):
+    """cells (rows, columns, h, w) in one mosaic, each row and column named on its axis."""
+    cells = _as_images(cells, 4)
+    rows, columns, h, w = cells.shape
+    if len(row_labels) != rows or len(column_labels) != columns:
+        raise ValueError(f"{rows} x {columns} cells need as many row and column labels, got "
+                         f"{len(row_labels)} and {len(column_labels)}")
+    gap = 2
+    mosaic = _tile(cells.reshape(-1, h, w), ncols=columns, gap=gap)
+    height, width = mosaic.shape
+    label_inches = 0.08 * max(len(str(label)) for label in row_labels)
+    fig = _new_figure(1.0 + 0.5 * columns + label_inches, 1.2 + 0.5 * columns * height / width,
+                      layout="compressed")
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
+    ax.set_xticks(np.arange(columns) * (w + gap) + (w - 1) / 2, column_labels)
+    ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
+    ax.tick_params(length=0)
+    ax.set_xlabel(xlabel)
+    fig.suptitle(title)
+    return fig
+
+
+def conditional_samples(images, class_names, title="VAE"):
+    """A conditional VAE's prior samples, one row per class asked for (images: (classes, n, h, w)),
+    so a reader sees at once whether each row is the class it names, and how varied it is."""
+    images = _as_images(images, 4)
+    return _labelled_grid(images, list(class_names), [""] * images.shape[1],
+                          f"{title}: samples of each class", "z ~ N(0, I), one row per label")
+
+
+def analogies(originals, decoded, class_names, title="VAE"):
+    """Style transfer by a conditional VAE: each row a test image (first column), then its
+    posterior mean decoded with every label (decoded: (rows, classes, h, w)), so the style the
+    latent code carries is drawn as each class."""
+    originals, decoded = _as_images(originals, 3), _as_images(decoded, 4)
+    if originals.shape[0] != decoded.shape[0] or originals.shape[1:] != decoded.shape[2:]:
+        raise ValueError(f"{originals.shape[0]} test images need as many rows of decodings of "
+                         f"the same size, got {decoded.shape}")
+    cells = np.concatenate([originals[:, None], decoded], axis=1)
+    return _labelled_grid(cells, [""] * len(originals), ["test", *class_names],
+                          f"{title}: each test image's z, decoded with every label",
+                          "columns: the label the decoder is given")
+
+
+def class_manifolds(images, grid_values, class_names, title="VAE"):
+    """A conditional VAE's decoded latent grid for each class, one panel per class (images:
+    (classes, n, n, h, w), as manifold's for each), showing how style varies across z within a
+    class."""
+    images = _as_images(images, 5)
+    classes, n = images.shape[:2]
+    grid_values = np.asarray(grid_values, dtype=float)
+    if len(class_names) != classes or len(grid_values) != n:
+        raise ValueError(f"{classes} panels of {n} x {n} need as many class names and grid "
+                         f"values, got {len(class_names)} and {len(grid_values)}")
+    columns = min(5, classes)
+    rows = math.ceil(classes / columns)
+    fig = _new_figure(2.2 * columns, 2.4 * rows + 0.4)
+    step = (grid_values[-1] - grid_values[0]) / (n - 1) if n > 1 else 1.0
+    low, high = grid_values[0] - step / 2, grid_values[-1] + step / 2
+    h, w = images.shape[3:]
+    for index, (panel, name) in enumerate(zip(images, class_names)):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        mosaic = panel.transpose(0, 2, 1, 3).reshape(n * h, n * w)
+        ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0, extent=(low, high, low, high),
+                  aspect=h / w)
+        ax.set_title(str(name))
+        ax.tick_params(labelsize=7)
+        if index % columns == 0:
+            ax.set_ylabel("z[1]")
+        if index >= (rows - 1) * columns:
+            ax.set_xlabel("z[0]")
+    fig.suptitle(f"{title}: decoded latent grid of each class")
+    return fig

@@ -85,31 +85,46 @@ def dense_layers(h, units, count, activation):
     return h
 
 
-def dense_encoder(args, image_shape):
+def conditioned(inputs, h, classes):
+    """(the network's inputs, h) with, for a conditional VAE (classes > 0), the one-hot label as
+    a second input, set beside h (Sohn, Lee and Yan 2015; the generative model M2 of Kingma et
+    al. 2014): the encoder then models q(z|x, y), the decoder p(x|z, y)."""
+    if not classes:
+        return inputs, h
+    label = keras.Input((classes,), name="label")
+    return [inputs, label], layers.Concatenate()([h, label])
+
+
+def dense_encoder(args, image_shape, classes=0):
     """784 -> Dense(hidden, relu) -> (mean, log-variance), as in the original; --hidden-layers
     stacks more hidden layers of the same width."""
     x = keras.Input(image_shape)
-    h = dense_layers(layers.Flatten()(x), args.hidden_dim, args.hidden_layers, args.activation)
-    return keras.Model(x, posterior_head(h, args.latent_dim), name="encoder")
+    inputs, h = conditioned(x, layers.Flatten()(x), classes)
+    h = dense_layers(h, args.hidden_dim, args.hidden_layers, args.activation)
+    return keras.Model(inputs, posterior_head(h, args.latent_dim), name="encoder")
 
 
-def dense_decoder(args, image_shape):
+def dense_decoder(args, image_shape, classes=0):
     """latent -> Dense(hidden, relu) -> Dense(784, sigmoid), as in the original (mirrors the
     encoder)."""
     z = keras.Input((args.latent_dim,))
-    h = dense_layers(z, args.hidden_dim, args.hidden_layers, args.activation)
+    inputs, h = conditioned(z, z, classes)
+    h = dense_layers(h, args.hidden_dim, args.hidden_layers, args.activation)
     x_hat = layers.Dense(math.prod(image_shape), activation="sigmoid", dtype="float32")(h)
-    return keras.Model(z, layers.Reshape(image_shape, dtype="float32")(x_hat), name="decoder")
+    return keras.Model(inputs, layers.Reshape(image_shape, dtype="float32")(x_hat),
+                       name="decoder")
 
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class VAE(keras.Model):
     """Encoder -> Sampling -> decoder, trained on the negative ELBO, the sum of LOSS_TERMS (the
-    KL term weighted by beta and the warm-up, see kl_weight)."""
+    KL term weighted by beta and the warm-up, see kl_weight). With classes > 0, a conditional VAE:
+    every batch comes with its one-hot labels (the condition), which both networks take."""
 
     def __init__(self, encoder, decoder, likelihood="gaussian", binarize="none", seed=None,
-                 beta=1.0, kl_warmup_epochs=0, updates_per_epoch=1, **kwargs):
+                 beta=1.0, kl_warmup_epochs=0, updates_per_epoch=1, classes=0, **kwargs):
         super().__init__(**kwargs)
+        self.classes = classes
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood
@@ -148,14 +163,22 @@ class VAE(keras.Model):
         epoch = ops.floor(ops.cast(updates_done, "float32") / self.updates_per_epoch)
         return self.beta * ops.minimum(1.0, epoch / self.kl_warmup_epochs)
 
-    def call(self, x, training=False):
-        z_mean, z_log_var = self.encoder(x, training=training)
-        return self.decoder(self.sampling([z_mean, z_log_var]), training=training)
+    def encoded(self, x, condition=None, training=False):
+        return self.encoder(x if condition is None else [x, condition], training=training)
 
-    def objective(self, x, training, kl_weight=1.0):
+    def decoded(self, z, condition=None, training=False):
+        return self.decoder(z if condition is None else [z, condition], training=training)
+
+    def call(self, inputs, training=False):
+        """inputs: the images, or (images, one-hot labels) for a conditional VAE."""
+        x, condition = inputs if self.classes else (inputs, None)
+        z = self.sampling(self.encoded(x, condition, training=training))
+        return self.decoded(z, condition, training=training)
+
+    def objective(self, x, training, kl_weight=1.0, condition=None):
         """(training loss, {term: batch mean}) of one batch."""
-        z_mean, z_log_var = self.encoder(x, training=training)
-        x_hat = self.decoder(self.sampling([z_mean, z_log_var]), training=training)
+        z_mean, z_log_var = self.encoded(x, condition, training=training)
+        x_hat = self.decoded(self.sampling([z_mean, z_log_var]), condition, training=training)
         terms = {name: ops.mean(term.per_image(x=x, x_hat=x_hat, z_mean=z_mean,
                                                z_log_var=z_log_var, likelihood=self.likelihood))
                  for name, term in LOSS_TERMS.items()}
@@ -168,20 +191,26 @@ class VAE(keras.Model):
         if self.weighted:
             self.kl_weight_tracker.update_state(kl_weight)
 
+    def batch(self, data):
+        """(images, their one-hot labels for a conditional VAE, else None) of what fit hands
+        over."""
+        data = data if isinstance(data, tuple) else (data,)
+        return data[0], data[1] if self.classes else None
+
     def train_step(self, data):
         """One Adam update per batch (the grouped data path hands over several: for_each_batch)."""
-        x = data[0] if isinstance(data, tuple) else data
-        for_each_batch(x, self.update, batch_rank=len(self.decoder.output.shape))
+        for_each_batch(*self.batch(data), self.update, batch_rank=len(self.decoder.output.shape))
         return self.get_metrics_result()
 
-    def update(self, x):
+    def update(self, x, condition=None):
         """One batch: forward, gradients, Adam, loss trackers."""
         if self.binarize == "dynamic":
             noise = keras.random.uniform(ops.shape(x), seed=self.binarize_seed_generator)
             x = ops.cast(noise < x, x.dtype)
         kl_weight = self.kl_weight(self.optimizer.iterations)
         with tf.GradientTape() as tape:
-            total, terms = self.objective(x, training=True, kl_weight=kl_weight)
+            total, terms = self.objective(x, training=True, kl_weight=kl_weight,
+                                          condition=condition)
             scaled = self.optimizer.scale_loss(total)  # mixed_float16: Keras' loss scaling
         gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply(gradients, self.trainable_weights)
@@ -190,10 +219,10 @@ class VAE(keras.Model):
     def test_step(self, data):
         """The test loss with the weight of the epoch just trained, so train and test curves
         compare."""
-        x = data[0] if isinstance(data, tuple) else data
+        x, condition = self.batch(data)
         kl_weight = (self.kl_weight(ops.maximum(self.optimizer.iterations - 1, 0))
                      if self.kl_warmup_epochs else self.beta)
-        _, terms = self.objective(x, training=False, kl_weight=kl_weight)
+        _, terms = self.objective(x, training=False, kl_weight=kl_weight, condition=condition)
         self.track(terms, kl_weight)
         return self.get_metrics_result()
 
@@ -208,6 +237,7 @@ class VAE(keras.Model):
             "beta": self.beta,
             "kl_warmup_epochs": self.kl_warmup_epochs,
             "updates_per_epoch": self.updates_per_epoch,
+            "classes": self.classes,
         }
 
     @classmethod
@@ -310,6 +340,7 @@ def loss_unit(likelihood, image_shape):
 TEST_BINARIZATION_SEED = 0  # the binarized test set is the same for every run, so results compare
 MANIFOLD_SIZE = 30  # the manifold figure decodes a 30 x 30 grid of z ...
 MANIFOLD_LIMIT = 4.0  # ... over [-4, 4]^2
+CLASS_MANIFOLD_SIZE = 10  # a conditional VAE's: 10 x 10 per class
 INTERPOLATION_STEPS = 10
 WATCHED_IMAGES, WATCHED_SAMPLES = 10, 20  # what each progress frame shows
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -355,6 +386,10 @@ def build_parser(architecture):
                             "training and in the likelihood estimate; its variables, the loss, "
                             "the ELBO and the FID networks stay float32. mixed_bfloat16 pays for "
                             "conv_vae.py on CPUs with AMX")
+    train.add_argument("--conditional", action="store_true",
+                       help="a conditional VAE: the label (one-hot, of the data's own classes) "
+                            "enters the encoder and the decoder, so that samples are of the class "
+                            "asked for (Sohn et al. 2015); figures and metrics per class follow")
     train.add_argument("--plain", action="store_true",
                        help="plain Keras training (arrays into fit, one batch per step, no XLA, "
                             "Keras' own dropout): same maths, slower; the speed baseline")
@@ -474,6 +509,15 @@ def to_float_images(x):
     return (x.astype(np.float32) / 255.0)[..., None]
 
 
+def one_hot(labels, classes):
+    return np.eye(classes, dtype=np.float32)[labels]
+
+
+def balanced_labels(count, classes):
+    """0, 1, ..., classes - 1, 0, 1, ...: the labels a conditional VAE's samples are asked for."""
+    return np.arange(count) % classes
+
+
 def binarize_once(x, seed):
     """A Bernoulli(intensity) draw of every pixel: the fixed binarized test set."""
     return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
@@ -487,12 +531,14 @@ def build_model(args, architecture, image_shape, updates_per_epoch=1):
     """A new VAE whose layers compute in args.dtype_policy. The policy is Keras' global setting
     while the layers are made (each keeps its own, and model.keras saves it), then back to float32
     so that nothing built later, such as the FID classifier, inherits it."""
+    classes = len(DATASETS[args.dataset][2]) if args.conditional else 0
     keras.config.set_dtype_policy(args.dtype_policy)
     try:
-        return VAE(architecture.build_encoder(args, image_shape),
-                   architecture.build_decoder(args, image_shape), likelihood=args.likelihood,
-                   binarize=args.binarize, seed=args.seed, beta=args.beta,
-                   kl_warmup_epochs=args.kl_warmup_epochs, updates_per_epoch=updates_per_epoch)
+        return VAE(architecture.build_encoder(args, image_shape, classes),
+                   architecture.build_decoder(args, image_shape, classes),
+                   likelihood=args.likelihood, binarize=args.binarize, seed=args.seed,
+                   beta=args.beta, kl_warmup_epochs=args.kl_warmup_epochs,
+                   updates_per_epoch=updates_per_epoch, classes=classes)
     finally:
         keras.config.set_dtype_policy("float32")
 
@@ -509,14 +555,19 @@ def compile_model(model, args, xla):
     model.optimizer.build(model.trainable_variables)
 
 
-def train(model, args, architecture, title, results_dir, x_train, x_test, state, resume_command):
+def train(model, args, architecture, title, results_dir, x_train, x_test, state, resume_command,
+          labels=None):
     """model.fit from the checkpointed epoch, one callback per job; returns the Checkpoints
     callback (history, timings). The progress frames show the first test images and a few prior
-    samples, the same every epoch. resume_command: what an interrupted run tells the user."""
+    samples, the same every epoch. resume_command: what an interrupted run tells the user.
+    labels: the one-hot labels of both sets, for a conditional VAE."""
     checkpoints = Checkpoints(results_dir, config=run_config(args), resumed_from=state)
     watch_z = np.random.default_rng(args.seed + 2).standard_normal(
         (WATCHED_SAMPLES, args.latent_dim)).astype(np.float32)
-    frames = ProgressFrames(results_dir, x_test[:WATCHED_IMAGES], watch_z, checkpoints)
+    watch_labels = labels and (labels[1][:WATCHED_IMAGES], one_hot(
+        balanced_labels(WATCHED_SAMPLES, model.classes), model.classes))
+    frames = ProgressFrames(results_dir, x_test[:WATCHED_IMAGES], watch_z, checkpoints,
+                            watch_labels)
     unit = loss_unit(args.likelihood, x_test.shape[1:])
     callbacks = [frames, checkpoints,  # each epoch's frame is saved before its checkpoint
                  HistoryCSV(results_dir, checkpoints),
@@ -530,7 +581,7 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
     (results_dir / "metrics.json").unlink(missing_ok=True)  # it describes a model this run
     # replaces; its absence also tells --resume that an evaluation did not finish
     fit_data, batches_per_step = training_data(args, architecture, x_train, x_test,
-                                               first_epoch=checkpoints.epochs_done)
+                                               checkpoints.epochs_done, labels)
     callbacks.append(BatchProgress(len(x_train), args.batch_size, batches_per_step))
     model.steps_per_execution = 1  # one batch, or one group of batches, per call
     try:
@@ -558,26 +609,28 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
-def encode(model, x):
-    """Posterior means and log-variances of all images."""
-    z_mean, z_log_var = fid.in_batches(model.encoder, x)
+def encode(model, x, condition=None):
+    """Posterior means and log-variances of all images (condition: their one-hot labels, for a
+    conditional VAE)."""
+    z_mean, z_log_var = fid.in_batches(model.encoder, x if condition is None else [x, condition])
     return z_mean, z_log_var
 
 
-def decode(model, z):
-    return fid.in_batches(model.decoder, z)
+def decode(model, z, condition=None):
+    return fid.in_batches(model.decoder, z if condition is None else [z, condition])
 
 
-def evaluate_elbo(model, x, seed, posterior=None):
+def evaluate_elbo(model, x, seed, posterior=None, condition=None):
     """One z ~ q(z|x) per test image with fixed noise (deterministic, unlike a fit-time metric).
 
     Returns the reconstructions (as the original's `vae.predict`) and {term: per-image values} in
     nats (the reconstruction term with its constant, so the ELBO is minus their sum).
-    posterior: (z_mean, z_log_var) of x, when the caller has already encoded it.
+    posterior: (z_mean, z_log_var) of x, when the caller has already encoded it; condition: the
+    one-hot labels of a conditional VAE.
     """
-    z_mean, z_log_var = posterior or encode(model, x)
+    z_mean, z_log_var = posterior or encode(model, x, condition)
     epsilon = np.random.default_rng(seed).standard_normal(z_mean.shape).astype(np.float32)
-    reconstructions = decode(model, z_mean + np.exp(0.5 * z_log_var) * epsilon)
+    reconstructions = decode(model, z_mean + np.exp(0.5 * z_log_var) * epsilon, condition)
     terms = {name: ops.convert_to_numpy(term.per_image(x=x, x_hat=reconstructions, z_mean=z_mean,
                                                        z_log_var=z_log_var,
                                                        likelihood=model.likelihood))
@@ -590,8 +643,9 @@ def evaluate_elbo(model, x, seed, posterior=None):
 def interpolate(model, x, labels, z_mean, class_names, steps=INTERPOLATION_STEPS):
     """Straight latent paths between posterior means, decoded at `steps` points: from the first
     test image of each class to the first of the class 3 after it (where both are present); when
-    no such pair exists (a single class), between consecutive test images. Returns (start images,
-    decodings (pairs, steps, ...), end images, row labels)."""
+    no such pair exists (a single class), between consecutive test images. A conditional VAE's
+    one-hot label moves along the same straight path. Returns (start images, decodings (pairs,
+    steps, ...), end images, row labels)."""
     firsts = {label: np.flatnonzero(labels == label)[0] for label in np.unique(labels)}
     pairs = [(firsts[label], firsts[(label + 3) % len(class_names)]) for label in sorted(firsts)
              if (label + 3) % len(class_names) in firsts]
@@ -600,8 +654,13 @@ def interpolate(model, x, labels, z_mean, class_names, steps=INTERPOLATION_STEPS
     starts, ends = np.array([a for a, _ in pairs], int), np.array([b for _, b in pairs], int)
     t = np.linspace(0, 1, steps, dtype=np.float32)[None, :, None]
     paths = (1 - t) * z_mean[starts][:, None] + t * z_mean[ends][:, None]
-    decoded = decode(model, paths.reshape(-1, z_mean.shape[1])).reshape(len(pairs), steps,
-                                                                        *x.shape[1:])
+    condition = None
+    if model.classes:
+        start_labels, end_labels = (one_hot(labels[ends_], model.classes)[:, None]
+                                    for ends_ in (starts, ends))
+        condition = ((1 - t) * start_labels + t * end_labels).reshape(-1, model.classes)
+    decoded = decode(model, paths.reshape(-1, z_mean.shape[1]), condition).reshape(
+        len(pairs), steps, *x.shape[1:])
     names = [f"{class_names[labels[a]]} \N{RIGHTWARDS ARROW} {class_names[labels[b]]}"
              for a, b in pairs]
     return x[starts], decoded, x[ends], names
@@ -630,8 +689,10 @@ IW_DECODER_MEMORY = 512 * 2**20  # bytes of decoder activations per call of the 
 
 def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_batch=100,
                                        samples_per_chunk=None, xla=True, verbose=True,
-                                       posterior=None, decoder_memory=IW_DECODER_MEMORY):
-    """log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), per image.
+                                       posterior=None, decoder_memory=IW_DECODER_MEMORY,
+                                       condition=None):
+    """log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), per image
+    (for a conditional VAE, with condition the images' one-hot labels: log p(x|y)).
 
     Images go through in batches and their K samples in chunks, so memory stays bounded; the
     log-weights of one batch are combined with log-sum-exp, which is stable for any magnitude.
@@ -644,18 +705,19 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
     decodes_per_call = max(1, decoder_memory // decoded_image_bytes(model.decoder))
 
     @tf.function(jit_compile=xla)
-    def log_weights(x_batch, z_mean, z_log_var, epsilon):
+    def log_weights(x_batch, z_mean, z_log_var, epsilon, *condition):
         z = z_mean[:, None, :] + ops.exp(0.5 * z_log_var)[:, None, :] * epsilon
         log_q = ops.sum(standard_normal_log_density(epsilon) - 0.5 * z_log_var[:, None, :], axis=-1)
         log_prior = ops.sum(standard_normal_log_density(z), axis=-1)
         batch, chunk, latent = ops.shape(epsilon)
-        x_hat = model.decoder(ops.reshape(z, (batch * chunk, latent)), training=False)
+        x_hat = model.decoded(ops.reshape(z, (batch * chunk, latent)),
+                              ops.repeat(condition[0], chunk, axis=0) if condition else None)
         x_repeated = ops.repeat(x_batch, chunk, axis=0)
         log_px = -(reconstruction_error(x_repeated, x_hat, model.likelihood) + constant)
         return ops.reshape(log_px, (batch, chunk)) + log_prior - log_q
 
     rng = np.random.default_rng(seed)
-    z_mean, z_log_var = posterior or encode(model, x)
+    z_mean, z_log_var = posterior or encode(model, x, condition)
     estimates = np.empty(len(x))
     progress = ProgressAfterWarmup(len(x), f"importance-weighted log-likelihood (K={num_samples})",
                                    "--iw-samples 0 skips it", verbose)
@@ -669,7 +731,8 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
             pieces = [slice(i, min(i + step, end)) for i in range(begin, end, step)]
             chunks.append(ops.concatenate([
                 log_weights(x[part], z_mean[part], z_log_var[part],
-                            epsilon[part.start - begin:part.stop - begin])
+                            epsilon[part.start - begin:part.stop - begin],
+                            *([] if condition is None else [condition[part]]))
                 for part in pieces], axis=0))
         all_weights = ops.concatenate(chunks, axis=1)
         estimates[begin:end] = (ops.convert_to_numpy(ops.logsumexp(all_weights, axis=1))
@@ -746,8 +809,9 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
     metrics = {}
     test_images = (binarize_once(x_test, TEST_BINARIZATION_SEED) if args.binarize == "dynamic"
                    else x_test)
-    posterior = encode(model, test_images)
-    reconstructions, terms = evaluate_elbo(model, test_images, args.seed, posterior)
+    test_labels = one_hot(y_test, model.classes) if model.classes else None
+    posterior = encode(model, test_images, test_labels)
+    reconstructions, terms = evaluate_elbo(model, test_images, args.seed, posterior, test_labels)
     metrics["test_elbo"] = float(np.mean(elbo(terms)))
     metrics.update({f"test_{name}": float(np.mean(values)) for name, values in terms.items()})
     metrics.update(latent_usage(*posterior))
@@ -763,30 +827,93 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
     save_figure(plot_utils.interpolation(*interpolate(model, test_images, y_test, z_mean,
                                                       class_names), title=title),
                 results_dir / "interpolation.png")
-    if z_mean.shape[1] == 2:
+    if z_mean.shape[1] == 2 and not model.classes:
         grid = np.linspace(-MANIFOLD_LIMIT, MANIFOLD_LIMIT, MANIFOLD_SIZE, dtype=np.float32)
         z_grid = np.stack(np.meshgrid(grid, grid[::-1]), axis=-1).reshape(-1, 2)  # row 0: top z[1]
         cells = decode(model, z_grid).reshape(MANIFOLD_SIZE, MANIFOLD_SIZE, *x_test.shape[1:3])
         save_figure(plot_utils.manifold(cells, grid, title=title), results_dir / "manifold.png")
+    elif z_mean.shape[1] == 2:  # one panel per class, of fewer digits
+        grid = np.linspace(-MANIFOLD_LIMIT, MANIFOLD_LIMIT, CLASS_MANIFOLD_SIZE, dtype=np.float32)
+        z_grid = np.stack(np.meshgrid(grid, grid[::-1]), axis=-1).reshape(-1, 2)
+        cells = np.stack([decode(model, z_grid, one_hot(np.full(len(z_grid), label),
+                                                        model.classes))
+                          for label in range(model.classes)])
+        save_figure(plot_utils.class_manifolds(
+            cells.reshape(model.classes, CLASS_MANIFOLD_SIZE, CLASS_MANIFOLD_SIZE,
+                          *x_test.shape[1:3]), grid, class_names, title=title),
+            results_dir / "manifold.png")
     else:
         print(f"note: latent dimension {z_mean.shape[1]}: the 2-D manifold figure is skipped")
 
     prior_rng = np.random.default_rng(args.seed + 1)
     count = args.fid_samples if args.fid else 100  # the figure shows the first 100 either way
-    samples = decode(model, prior_rng.standard_normal((count, z_mean.shape[1])).astype(np.float32))
+    z_prior = prior_rng.standard_normal((count, z_mean.shape[1])).astype(np.float32)
+    sample_labels = balanced_labels(count, model.classes) if model.classes else None
+    samples = decode(model, z_prior, None if sample_labels is None
+                     else one_hot(sample_labels, model.classes))
     save_figure(plot_utils.samples(samples[:100], title=title), results_dir / "samples.png")
+    if model.classes:
+        conditional_figures(model, title, results_dir, test_images, y_test, z_mean, samples,
+                            class_names)
 
     if args.iw_samples:
         iw_start = time.perf_counter()
         log_likelihood = importance_weighted_log_likelihood(
-            model, test_images, args.iw_samples, args.seed, xla=xla, posterior=posterior)
+            model, test_images, args.iw_samples, args.seed, xla=xla, posterior=posterior,
+            condition=test_labels)
         metrics.update(test_log_likelihood_iw=float(np.mean(log_likelihood)),
                        iw_samples=args.iw_samples,
                        iw_seconds=round(time.perf_counter() - iw_start, 2))
     metrics.update(fids(args, test_images, reconstructions, samples, dataset, inception,
                         inception_error))
+    if model.classes and "classifier" in args.fid:
+        metrics.update(conditional_metrics(dataset, test_images, y_test, samples, sample_labels))
     metrics["evaluation_seconds"] = round(time.perf_counter() - start, 2)
     return metrics
+
+
+def conditional_figures(model, title, results_dir, test_images, y_test, z_mean, samples,
+                        class_names):
+    """A conditional VAE's own figures: its prior samples by class (the samples are asked for
+    the classes in turn: balanced_labels), and analogies, the first test image of each class
+    (or the first ten, with one class) decoded from its z with every label."""
+    classes = model.classes
+    per_class = len(samples) // classes
+    shown = min(WATCHED_IMAGES, per_class)
+    by_class = samples[:shown * classes].reshape(shown, classes, *samples.shape[1:])
+    save_figure(plot_utils.conditional_samples(by_class.swapaxes(0, 1), class_names,
+                                               title=title),
+                results_dir / "conditional_samples.png")
+    firsts = [np.flatnonzero(y_test == label)[0] for label in np.unique(y_test)]
+    rows = np.array(firsts if len(firsts) > 1 else range(min(WATCHED_IMAGES, len(y_test))))
+    z = np.repeat(z_mean[rows], classes, axis=0)
+    every_label = one_hot(np.tile(np.arange(classes), len(rows)), classes)
+    decoded = decode(model, z, every_label).reshape(len(rows), classes, *test_images.shape[1:])
+    save_figure(plot_utils.analogies(test_images[rows], decoded, class_names, title=title),
+                results_dir / "analogies.png")
+
+
+def conditional_metrics(dataset, test_images, y_test, samples, sample_labels):
+    """Whether a conditional VAE's samples are of the class asked for: label_accuracy, the share
+    of samples the data's own classifier (the classifier FID's) assigns to their requested class;
+    and per class, the FID and KID in its features between the test images of the class and the
+    samples asked for it (None where a class has too few of either)."""
+    classifier = fid.load_or_train_classifier(*dataset, verbose=False)
+    metrics = {"label_accuracy": fid.classifier_accuracy(classifier, samples, sample_labels)}
+    real = fid.compute_features(test_images, "classifier", classifier, verbose=False)
+    fake = fid.compute_features(samples, "classifier", classifier, verbose=False)
+    fids_, kids = [], []
+    for label in range(int(sample_labels.max()) + 1):
+        a, b = real[y_test == label], fake[sample_labels == label]
+        if min(len(a), len(b)) < 2:
+            fids_.append(None)
+            kids.append(None)
+            continue
+        fids_.append(fid.frechet_distance(fid.statistics_from_features(a, "classifier"),
+                                          fid.statistics_from_features(b, "classifier")))
+        kids.append(fid.kernel_distance(a, b, subset_size=min(fid.KID_SUBSET_SIZE, len(a),
+                                                              len(b)))[0])
+    return {**metrics, "fid_classifier_per_class": fids_, "kid_classifier_per_class": kids}
 
 
 def print_summary(title, metrics, results_dir):
@@ -807,9 +934,13 @@ def print_summary(title, metrics, results_dir):
             digits, unit = {**shown, **terms}[key]
             value = "null" if metrics[key] is None else f"{metrics[key]:.{digits}f}"
             print(f"  {key:30s} {value:>10s}  {unit}".rstrip())
-    if "kl_per_dimension" in metrics:
-        values = ", ".join(f"{value:.3f}" for value in metrics["kl_per_dimension"])
-        print(f"  {'kl_per_dimension':30s} {values}  nats per image")
+    for key, digits, unit in (("kl_per_dimension", 3, "  nats per image"),
+                              ("fid_classifier_per_class", 1, ""),
+                              ("kid_classifier_per_class", 2, "")):
+        if key in metrics:
+            values = ", ".join("null" if value is None else f"{value:.{digits}f}"
+                               for value in metrics[key])
+            print(f"  {key:30s} {values}{unit}")
     if metrics.get("seconds_per_epoch"):
         print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):10.2f}")
 
@@ -827,9 +958,11 @@ def run(args, architecture, run_defining, resume_command):
     dataset = load_dataset(args.data, args.dataset)
     title = architecture.title
     figure_title = title if args.dataset == "mnist" else f"{title} on {DATASETS[args.dataset][1]}"
-    x_train, _, x_test, y_test = dataset
-    x_train = to_float_images(x_train[:args.train_size])
+    x_train, y_train, x_test, y_test = dataset
+    x_train, y_train = to_float_images(x_train[:args.train_size]), y_train[:args.train_size]
     x_test, y_test = to_float_images(x_test[:args.test_size]), y_test[:args.test_size]
+    classes = len(DATASETS[args.dataset][2])
+    labels = (one_hot(y_train, classes), one_hot(y_test, classes)) if args.conditional else None
     check_evaluation_needs(args, architecture, x_test.shape)
     inception, inception_error = prepare_inception(args)
     xla = use_xla(architecture, args, len(x_train))
@@ -848,10 +981,11 @@ def run(args, architecture, run_defining, resume_command):
         else:
             model = build_model(args, architecture, x_train.shape[1:],
                                 math.ceil(len(x_train) / args.batch_size))
-            model(x_train[:1])  # builds the weights, so checkpoints hold them from epoch 1
+            model((x_train[:1], labels[0][:1]) if labels else x_train[:1])  # builds the weights,
+            # so checkpoints hold them from epoch 1
             compile_model(model, args, xla)
         checkpoints = train(model, args, architecture, figure_title, results_dir, x_train,
-                            x_test, state, resume_command)
+                            x_test, state, resume_command, labels)
         history, seconds_per_epoch = checkpoints.history, checkpoints.seconds_per_epoch
         save_model(model, results_dir / "model.keras")
     if (results_dir / PROGRESS_FRAMES).is_file():  # also drawn again by --evaluate-only
@@ -922,8 +1056,9 @@ class Architecture:
     script: str  # the program's name in messages and in the resume command
     title: str  # in figures and the summary
     description: str  # --help's first line
-    build_encoder: Callable  # (args, image_shape) -> keras.Model: x -> (z_mean, z_log_var)
-    build_decoder: Callable  # (args, image_shape) -> keras.Model: z -> x_hat in [0, 1]
+    # Each network takes the one-hot label as a second input when classes > 0 (vae.conditioned).
+    build_encoder: Callable  # (args, image_shape, classes) -> keras.Model: x -> (z_mean, z_log_var)
+    build_decoder: Callable  # (args, image_shape, classes) -> keras.Model: z -> x_hat in [0, 1]
     add_options: Callable  # (argparse group): adds the networks' options (they define a run)
     epochs: int
     batch_size: int
@@ -1148,7 +1283,7 @@ def settled_options(args, state, run_defining, model=None):
                         for key, default in run_defining.items()})
     if model is not None:
         options.update(likelihood=model.likelihood, binarize=model.binarize,
-                       dtype_policy=model.dtype_policy.name)
+                       dtype_policy=model.dtype_policy.name, conditional=bool(model.classes))
     return argparse.Namespace(**options)
 
 
@@ -1268,17 +1403,21 @@ class ProgressFrames(keras.callbacks.Callback):
     decoded), joining progress_frames.npy before the epoch's checkpoint: a kill may leave one
     frame too many, which a resume drops."""
 
-    def __init__(self, results_dir, watch_images, watch_z, checkpoints):
+    def __init__(self, results_dir, watch_images, watch_z, checkpoints, watch_labels=None):
         super().__init__()
         self.results_dir, self.watch_images, self.watch_z = results_dir, watch_images, watch_z
+        self.watch_labels = watch_labels  # conditional: (the images', the samples') one-hot
         self.frames = list(read_frames(results_dir)[:checkpoints.epochs_done])
 
     def on_epoch_end(self, epoch, logs=None):
         if not finite(logs):
             return
-        z_mean, _ = self.model.encoder(self.watch_images, training=False)  # eager, milliseconds
-        decoded = ops.convert_to_numpy(self.model.decoder(ops.concatenate([z_mean, self.watch_z]),
-                                                          training=False))
+        images_labels, samples_labels = self.watch_labels or (None, None)
+        z_mean, _ = self.model.encoded(self.watch_images, images_labels)  # eager, milliseconds
+        labels = None if images_labels is None else ops.concatenate([images_labels,
+                                                                     samples_labels])
+        decoded = ops.convert_to_numpy(self.model.decoded(
+            ops.concatenate([z_mean, self.watch_z]), labels))
         count = len(self.watch_images)
         self.frames.append(plot_utils.progress_frame(self.watch_images, decoded[:count],
                                                      decoded[count:]))
@@ -1568,35 +1707,42 @@ def use_xla(architecture, args, num_train):
     return architecture.xla and num_train >= XLA_MIN_BATCHES * args.batch_size
 
 
-def training_data(args, architecture, x_train, x_test, first_epoch):
+def training_data(args, architecture, x_train, x_test, first_epoch, labels=None):
     """What model.fit takes, and the batches per step: arrays and Keras' batching with --plain,
-    else make_datasets' groups of the architecture's batches_per_step."""
+    else make_datasets' groups of the architecture's batches_per_step. labels: the one-hot labels
+    of both sets, for a conditional VAE."""
     if args.plain:
-        return dict(x=x_train, batch_size=args.batch_size, validation_data=(x_test,),
-                    shuffle=True), 1
+        targets = dict(y=labels[0], validation_data=(x_test, labels[1])) if labels else dict(
+            validation_data=(x_test,))
+        return dict(x=x_train, batch_size=args.batch_size, shuffle=True, **targets), 1
+    if labels:
+        x_train, x_test = (x_train, labels[0]), (x_test, labels[1])
     train_data, test_data, groups_per_epoch = make_datasets(
         x_train, x_test, args.batch_size, architecture.batches_per_step, args.seed, first_epoch)
     return dict(x=train_data, steps_per_epoch=groups_per_epoch, validation_data=test_data,
                 shuffle=False), architecture.batches_per_step  # the dataset shuffles
 
 
-def for_each_batch(x, update, batch_rank):
-    """update(batch) for x, a batch, or for each batch of x, a group of them (one more leading
-    axis): the loop then runs inside the compiled step, so that XLA compiles and launches one
-    program per group rather than one per batch."""
+def for_each_batch(x, condition, update, batch_rank):
+    """update(x, condition) for x, a batch of images (condition: their one-hot labels, or None),
+    or for each batch of x, a group of them (one more leading axis): the loop then runs inside the
+    compiled step, so that XLA compiles and launches one program per group rather than one per
+    batch."""
     if len(x.shape) == batch_rank:
-        update(x)
+        update(x, condition)
         return
 
     def update_batch(i, batches_done):
-        update(x[i])
+        update(x[i], None if condition is None else condition[i])
         return batches_done + 1
 
     ops.fori_loop(0, ops.shape(x)[0], update_batch, 0)
 
 
 def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epoch=0):
-    """A fresh seeded permutation each epoch, gathered into groups of batches_per_step batches
+    """x_train and x_test: the images, or (images, one-hot labels) for a conditional VAE.
+
+    A fresh seeded permutation each epoch, gathered into groups of batches_per_step batches
     (see VAE.train_step), prefetched while the previous group trains, across epoch ends too (one
     endless stream; fit takes groups_per_epoch from it each epoch). The groups hold exactly one
     epoch's batches, the smaller last one included, so the updates are the same as one batch per
@@ -1604,9 +1750,9 @@ def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epo
 
     Returns (train, test, groups_per_epoch).
     """
-    num_train = len(x_train)
+    num_train = len(tf.nest.flatten(x_train)[0])
     num_full, remainder = divmod(num_train, batch_size)
-    images = tf.constant(x_train)
+    arrays = tf.nest.map_structure(tf.constant, x_train)
 
     def permutation(random_seed):
         return tf.random.experimental.stateless_shuffle(tf.range(num_train, dtype=tf.int64),
@@ -1618,7 +1764,8 @@ def make_datasets(x_train, x_test, batch_size, batches_per_step, seed, first_epo
         if remainder:
             index_groups = index_groups.concatenate(
                 tf.data.Dataset.from_tensors(order[None, num_full * batch_size:]))
-        return index_groups.map(lambda indices: tf.gather(images, indices))
+        return index_groups.map(
+            lambda indices: tf.nest.map_structure(lambda a: tf.gather(a, indices), arrays))
 
     permutations = tf.data.Dataset.random(seed=seed).skip(first_epoch).map(permutation)
     train = permutations.flat_map(groups).prefetch(tf.data.AUTOTUNE)

@@ -76,9 +76,22 @@ def test_activation_and_dense_layers_reach_both_networks():
     assert [layer.units for layer in hidden if isinstance(layer, keras.layers.Dense)] == [16, 16, 16, 7 * 7 * 8]
 
 
+def test_conditional_networks_take_the_label_after_the_convolutions_and_beside_z():
+    args = argparse.Namespace(latent_dim=2, filters=4, dense_units=16, dense_layers=1, dropout=0.0, plain=False,
+                              activation="relu")
+    encoder, decoder = (build(args, (28, 28, 1), 10) for build in (conv_vae.conv_encoder, conv_vae.conv_decoder))
+    assert [tuple(tensor.shape[1:]) for tensor in encoder.inputs] == [(28, 28, 1), (10,)]
+    assert [tuple(tensor.shape[1:]) for tensor in decoder.inputs] == [(2,), (10,)]
+    [joined] = [layer for layer in encoder.layers if isinstance(layer, keras.layers.Concatenate)]
+    assert joined.output.shape[-1] == 7 * 7 * 8 + 10  # the flattened convolutions, then the label
+    z = np.zeros((1, 2), np.float32)
+    outputs = [keras.ops.convert_to_numpy(decoder([z, np.eye(10, dtype=np.float32)[[label]]])) for label in (3, 8)]
+    assert not np.array_equal(*outputs)
+
+
 def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
     args = argparse.Namespace(latent_dim=2, filters=8, dense_units=32, dense_layers=1, dropout=0.25, plain=False, activation="relu", dtype_policy="mixed_bfloat16",
-                              likelihood="gaussian", binarize="none", seed=0, beta=1.0, kl_warmup_epochs=0)
+                              likelihood="gaussian", binarize="none", seed=0, beta=1.0, kl_warmup_epochs=0, conditional=False)
     model = vae.build_model(args, conv_vae.CONV, (28, 28, 1))
     x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
     model(x)
@@ -178,7 +191,7 @@ def conv_args(plain):
     return argparse.Namespace(latent_dim=2, filters=4, dense_units=8, dense_layers=1, dropout=0.25,
                               plain=plain, activation="relu", dtype_policy="float32",
                               likelihood="gaussian", binarize="none", seed=0, beta=1.0,
-                              kl_warmup_epochs=0)
+                              kl_warmup_epochs=0, conditional=False)
 
 
 def test_model_saved_with_keras_layers_loads_and_matmul_forms_reproduce_it(tmp_path, tiny_mnist,

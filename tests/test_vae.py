@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -481,7 +482,7 @@ def test_warmup_continues_exactly_across_a_resume_and_the_elbo_stays_unweighted(
 
 def dense_model(policy, likelihood="gaussian"):
     args = argparse.Namespace(latent_dim=2, hidden_dim=64, hidden_layers=1, activation="relu", likelihood=likelihood, binarize="none", seed=0,
-                              dtype_policy=policy, beta=1.0, kl_warmup_epochs=0)
+                              dtype_policy=policy, beta=1.0, kl_warmup_epochs=0, conditional=False)
     model = vae.build_model(args, vae.DENSE, IMAGE)
     model(np.zeros((1, 28, 28, 1), np.float32))
     vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", plain=False), xla=False)
@@ -1016,3 +1017,75 @@ def test_a_truncated_checkpoint_is_named_unreadable(finished_run, tmp_path, tiny
     assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]
     assert sorted(path.name for path in tmp_path.glob("checkpoint-epoch*.keras")) == [
         "checkpoint-epoch2.keras", "checkpoint-epoch3.keras"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The conditional VAE
+# ----------------------------------------------------------------------------------------------
+
+CONDITIONAL = ["--conditional", "--batch-size", "16", "--fid", "none", "--iw-samples", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained_conditional_run(tmp_path_factory, tiny_mnist):
+    """20 epochs at a larger learning rate: enough for the tiny strokes' angle to follow the label."""
+    return shared_run(tmp_path_factory, "vae.py", "--data", tiny_mnist, "--epochs", "20", "--learning-rate", "3e-3",
+                      *CONDITIONAL[:3], "--fid", "classifier", "--fid-samples", "200", "--iw-samples", "0")
+
+
+def test_a_conditional_run_resumes_exactly(tmp_path, tiny_mnist):
+    for epochs, resume, folder in (("2", [], "unbroken"), ("1", [], "resumed"), ("2", ["--resume"], "resumed")):
+        result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path / folder, "--epochs", epochs,
+                          *CONDITIONAL, *resume)
+        assert result.returncode == 0, result.stderr
+    unbroken, resumed = (json.loads((tmp_path / folder / "checkpoint.json").read_text())["history"]
+                         for folder in ("unbroken", "resumed"))
+    assert resumed == unbroken
+    for a, b in zip(*(vae.load_saved_model(tmp_path / folder / "model.keras").get_weights()
+                      for folder in ("unbroken", "resumed"))):
+        np.testing.assert_array_equal(a, b)
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["config"]["conditional"] is True and "label_accuracy" not in metrics  # --fid none
+    for figure in ("conditional_samples.png", "analogies.png", "manifold.png", "samples.png"):
+        assert (tmp_path / "resumed" / figure).read_bytes()[:4] == b"\x89PNG", figure
+
+
+def label_accuracy(model, classifier, count=200):
+    labels = vae.balanced_labels(count, model.classes)
+    z = np.random.default_rng(1).standard_normal((count, 2)).astype(np.float32)
+    return fid.classifier_accuracy(classifier, vae.decode(model, z, vae.one_hot(labels, model.classes)), labels)
+
+
+def test_samples_are_of_the_class_asked_for_unless_the_decoder_ignores_the_label(trained_conditional_run, tiny_mnist):
+    results_dir, _ = trained_conditional_run
+    metrics = json.loads((results_dir / "metrics.json").read_text())
+    assert metrics["label_accuracy"] > 0.5  # chance: 0.1 (the tiny data's classifier: about 0.8)
+    assert len(metrics["fid_classifier_per_class"]) == 10 and len(metrics["kid_classifier_per_class"]) == 10
+    model = vae.load_saved_model(results_dir / "model.keras")
+    classifier = fid.load_or_train_classifier(*vae.load_dataset(tiny_mnist), verbose=False)
+    assert label_accuracy(model, classifier) > 0.5
+    z = np.zeros((2, 2), np.float32)
+    two_labels = vae.one_hot(np.array([1, 6]), 10)
+    first, second = vae.decode(model, z, two_labels)
+    assert np.abs(first - second).max() > 0.1  # the label changes what is drawn
+    dense = next(layer for layer in model.decoder.layers if isinstance(layer, keras.layers.Dense))
+    kernel, bias = dense.get_weights()  # its input: z, then the label; the label's weights zero
+    assert kernel.shape[0] == 2 + 10
+    kernel[2:] = 0
+    dense.set_weights([kernel, bias])
+    first, second = vae.decode(model, z, two_labels)
+    np.testing.assert_array_equal(first, second)
+    assert label_accuracy(model, classifier) < 0.3
+
+
+def test_a_model_saved_before_the_conditional_option_still_loads(finished_run, tmp_path):
+    with zipfile.ZipFile(finished_run[0] / "model.keras") as saved:
+        files = {name: saved.read(name) for name in saved.namelist()}
+    config = json.loads(files["config.json"])
+    assert config["config"].pop("classes") == 0
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "old.keras", "w") as old:
+        for name, data in files.items():
+            old.writestr(name, data)
+    model = vae.load_saved_model(tmp_path / "old.keras")
+    assert model.classes == 0

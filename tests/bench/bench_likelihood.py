@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 # Options that runs older than them did not record, at their defaults.
 CONFIG_DEFAULTS = {"beta": 1.0, "kl_warmup_epochs": 0, "activation": "relu", "hidden_layers": 1,
-                   "dense_units": 32, "dense_layers": 1, "dataset": "mnist"}
+                   "dense_units": 32, "dense_layers": 1, "dataset": "mnist", "conditional": False}
 
 
 def estimate(results_dir, policy, num_samples, test_size, data):

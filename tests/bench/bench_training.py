@@ -45,7 +45,8 @@ import vae  # noqa: E402
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000
 # Both scripts' network options at their defaults (each builder reads its own).
 DEFAULT_OPTIONS = dict(latent_dim=2, hidden_dim=256, hidden_layers=1, activation="relu",
-                       filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=False)
+                       filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=False,
+                       conditional=False)
 
 
 def layer_flops(layer):
