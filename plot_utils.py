@@ -219,10 +219,11 @@ def manifold(images, grid_values, title="VAE"):
     return fig
 
 
-def interpolation(starts, paths, ends, row_labels, title="VAE"):
+def interpolation(starts, paths, ends, row_labels, title="VAE", conditional=False):
     """Each row: a real test image, the decodings along a straight latent path from its posterior
     mean to another image's (paths: (rows, steps, h, w)), and that other real image, so a reader
-    sees how smoothly the model morphs one class into another."""
+    sees how smoothly the model morphs one class into another. conditional: a conditional VAE's
+    one-hot label moved along the same path."""
     starts, ends = _as_images(starts, 3), _as_images(ends, 3)
     paths = _as_images(paths, 4)
     rows, steps, h, w = paths.shape
@@ -245,7 +246,8 @@ def interpolation(starts, paths, ends, row_labels, title="VAE"):
     ax.set_xticks(columns[[0, 1, steps, steps + 1]], ["real", "t = 0", "t = 1", "real"])
     ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
     ax.tick_params(length=0)
-    ax.set_xlabel(f"z = (1 - t) z_left + t z_right (posterior means), {steps} evenly spaced t")
+    moved = "z and the label" if conditional else "z"
+    ax.set_xlabel(f"{moved} = (1 - t) left + t right (z: posterior means), {steps} evenly spaced t")
     fig.suptitle(f"{title}: latent interpolations between test images")
     return fig
 

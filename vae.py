@@ -825,7 +825,8 @@ def evaluate(model, args, title, results_dir, x_test, y_test, dataset, inception
     save_figure(plot_utils.latent_space(z_mean, y_test, title=title, class_names=named_classes),
                 results_dir / "latent_space_representation.png")
     save_figure(plot_utils.interpolation(*interpolate(model, test_images, y_test, z_mean,
-                                                      class_names), title=title),
+                                                      class_names), title=title,
+                                         conditional=bool(model.classes)),
                 results_dir / "interpolation.png")
     if z_mean.shape[1] == 2 and not model.classes:
         grid = np.linspace(-MANIFOLD_LIMIT, MANIFOLD_LIMIT, MANIFOLD_SIZE, dtype=np.float32)

@@ -26,6 +26,7 @@ RUNS = [
     ("conv_vae", "conv, as the original"),
     ("conv_vae_tuned", "conv, tuned"),
     ("fashion_vae", "dense, Fashion-MNIST"),
+    ("cvae", "dense, conditional"),
 ]
 ORIGINAL_PIXEL_FID = {"vae.py": "20.359", "conv_vae.py": "15.511"}  # the original's README
 ALWAYS_SHOWN = ("latent_dim", "epochs")  # in every command, as the original gives them
@@ -97,7 +98,10 @@ def readme_table():
     for folder, label in RUNS:
         m = load_metrics(folder)
         script = command(m, folder).split()[1]
-        original = ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist" else "—"
+        original = (ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist"
+                    and not m["config"].get("conditional") else "—")  # the original's models
+        if "label_accuracy" in m:
+            label += f" (label accuracy {shown(m, 'label_accuracy')})"
         rows.append(f"| {label} | **{shown(m, 'fid_pixel_recon')}** ({original}) | "
                     f"{shown(m, 'fid_classifier_samples')} | {kid(m, std=False)} | "
                     f"{manifold(m, ('coverage',))} | "
@@ -133,11 +137,17 @@ def tuning_table():
     return sweep.report_table(sweep.study_from_csv(ROOT / "results" / "tuning.csv"))
 
 
+def seeds_table():
+    """The same of results/seeds.csv: each configuration's runs over seeds 0, 1, 2."""
+    return sweep.report_table(sweep.study_from_csv(ROOT / "results" / "seeds.csv"))
+
+
 TABLES = {"results-table": readme_table, "committed-runs-table": committed_runs_table,
-          "tuning-table": tuning_table}
+          "tuning-table": tuning_table, "seeds-table": seeds_table}
 DOCUMENTS = {"results-table": ROOT / "README.md",
              "committed-runs-table": ROOT / "results" / "README.md",
-             "tuning-table": ROOT / "results" / "README.md"}
+             "tuning-table": ROOT / "results" / "README.md",
+             "seeds-table": ROOT / "results" / "README.md"}
 
 
 def block(name):

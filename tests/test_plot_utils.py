@@ -308,3 +308,46 @@ def test_progress_animation_labels_each_epoch_and_each_row():
     bands = np.array_split(margin, len(rows))  # one label in each row's band
     assert all(band.max() > 200 for band in bands)  # white text, antialiased
     assert np.asarray(plain[0])[:16].max() > 200  # "epoch 1" above the grid
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@pytest.mark.parametrize("names", [list("0123456789"), FASHION])
+def test_conditional_samples_name_each_row_by_its_class(tmp_path, names):
+    images = digits(10, 6)
+    fig = plot_utils.conditional_samples(images, names, title="Dense VAE")
+    assert_nothing_clipped(fig)
+    render(fig, tmp_path)
+    ax = fig.axes[0]
+    assert tick_texts(ax.get_yticklabels()) == names and fig.get_suptitle().startswith("Dense VAE")
+    mosaic = ax.get_images()[0].get_array()
+    np.testing.assert_allclose(mosaic[30:58, 30:58], images[1, 1])  # class 1's second sample
+    with pytest.raises(ValueError, match="labels"):
+        plot_utils.conditional_samples(images, names[:3])
+
+
+def test_analogies_put_the_test_image_first_and_name_each_label_column(tmp_path):
+    originals, decoded = digits(4), digits(4, 10)
+    fig = plot_utils.analogies(originals, decoded, list("0123456789"), title="Dense VAE")
+    assert_nothing_clipped(fig)
+    render(fig, tmp_path)
+    ax = fig.axes[0]
+    assert tick_texts(ax.get_xticklabels()) == ["test", *"0123456789"]
+    mosaic = ax.get_images()[0].get_array()
+    np.testing.assert_allclose(mosaic[30:58, :28], originals[1])
+    np.testing.assert_allclose(mosaic[30:58, 30 * 4:30 * 4 + 28], decoded[1, 3])
+    with pytest.raises(ValueError, match="rows of decodings"):
+        plot_utils.analogies(originals[:2], decoded, list("0123456789"))
+
+
+def test_class_manifolds_draw_one_labelled_panel_per_class(tmp_path):
+    grid = np.linspace(-4, 4, 5)
+    fig = plot_utils.class_manifolds(digits(10, 5, 5), grid, list("0123456789"), title="Dense VAE")
+    assert_nothing_clipped(fig)
+    render(fig, tmp_path)
+    assert [ax.get_title() for ax in fig.axes] == list("0123456789")
+    assert [ax.get_xlabel() for ax in fig.axes[5:]] == ["z[0]"] * 5 and fig.axes[0].get_ylabel() == "z[1]"
+    assert fig.axes[0].get_images()[0].get_extent() == [-5.0, 5.0, -5.0, 5.0]
+    with pytest.raises(ValueError, match="class names"):
+        plot_utils.class_manifolds(digits(10, 5, 5), grid, list("012"))

@@ -49,6 +49,7 @@ def table_in(document, name):
     (README, "results-table"),
     (ROOT / "results" / "README.md", "committed-runs-table"),
     (ROOT / "results" / "README.md", "tuning-table"),
+    (ROOT / "results" / "README.md", "seeds-table"),
 ])
 def test_tables_are_what_the_committed_files_say(document, name):
     assert table_in(document, name) == results_tables.TABLES[name]()
@@ -106,7 +107,7 @@ def test_sweep_commands_parse_and_give_each_run_options_of_its_script(monkeypatc
     monkeypatch.chdir(ROOT)  # where --script names the scripts
     text = README.read_text() + (ROOT / "results" / "README.md").read_text()
     commands = re.findall(r"^(?:\.venv/bin/)?python sweep\.py (.+?)(?:\s+#.*)?$", text, re.M)
-    assert len(commands) == 8
+    assert len(commands) == 13
     for command in commands:
         args = sweep.parse_args(shlex.split(command))
         if not args.script:
