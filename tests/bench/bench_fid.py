@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 import fid  # noqa: E402
+
+fid.start_tensorflow()  # without TensorFlow's start-up lines
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

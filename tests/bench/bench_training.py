@@ -31,15 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import conv_vae  # noqa: E402
+import conv_vae  # noqa: E402 (it starts TensorFlow without its start-up lines)
 import fid  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import vae  # noqa: E402
 
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000
@@ -197,21 +197,21 @@ def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
 
 
 def progress_frame_seconds(encoder, decoder, data, frames, repeats=20):
-    """What vae.TrainingState adds to every epoch for progress.gif: one frame, and the frames file
-    rewritten."""
+    """What vae.ProgressFrames adds to every epoch for progress.gif: one frame, and the frames file
+    rewritten with `frames` earlier ones."""
     x_test = vae.to_float_images(vae.load_dataset(data)[2][:10])
     model = vae.VAE(encoder, decoder)
     model(x_test[:1])
     with tempfile.TemporaryDirectory() as results_dir:
-        tracker = vae.TrainingState(Path(results_dir), {}, "bench", x_test,
-                                    np.zeros((20, 2), np.float32))
-        tracker.set_model(model)
-        earlier = [tracker.progress_frame()] * frames
+        callback = vae.ProgressFrames(Path(results_dir), x_test, np.zeros((20, 2), np.float32),
+                                      vae.Checkpoints(Path(results_dir), {}))
+        callback.set_model(model)
+        callback.on_epoch_end(0, {"loss": 1.0})
+        earlier = callback.frames * frames
         start = time.perf_counter()
         for _ in range(repeats):
-            frame = tracker.progress_frame()
-            fid.atomic_write(Path(results_dir) / vae.PROGRESS_FRAMES,
-                             lambda p: np.save(p, np.stack([*earlier, frame])))
+            callback.frames = list(earlier)
+            callback.on_epoch_end(0, {"loss": 1.0})
     return (time.perf_counter() - start) / repeats
 
 
