@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import conv_vae  # noqa: E402 (it starts TensorFlow without its start-up lines)
-import fid  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import vae  # noqa: E402
