@@ -901,7 +901,8 @@ def conditional_metrics(dataset, test_images, y_test, samples, sample_labels):
     samples asked for it (None where a class has too few of either)."""
     classifier = fid.load_or_train_classifier(*dataset, verbose=False)
     metrics = {"label_accuracy": fid.classifier_accuracy(classifier, samples, sample_labels)}
-    real = fid.compute_features(test_images, "classifier", classifier, verbose=False)
+    real = fid.compute_features(test_images, "classifier", classifier, verbose=False,
+                                cache_dir=fid.default_cache_dir())  # fids() cached them
     fake = fid.compute_features(samples, "classifier", classifier, verbose=False)
     fids_, kids = [], []
     for label in range(int(sample_labels.max()) + 1):

@@ -181,6 +181,8 @@ def test_active_units_and_kl_per_dimension_tell_a_collapsed_dimension_from_a_use
     args = argparse.Namespace(latent_dim=2, hidden_dim=16, hidden_layers=1, activation="relu")
     model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
     x = vae.to_float_images(tiny_digits(200, np.random.default_rng(0))[0])
+    kernel, bias = model.encoder.get_layer("z_mean").get_weights()  # means that vary well above
+    model.encoder.get_layer("z_mean").set_weights([10 * kernel, bias])  # the threshold, any init
     used = vae.latent_usage(*vae.encode(model, x))
     assert used["active_units"] == 2 and min(used["kl_per_dimension"]) > 0
     for name in ("z_mean", "z_log_var"):
