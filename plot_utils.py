@@ -370,3 +370,46 @@ def class_manifolds(images, grid_values, class_names, title="VAE"):
             ax.set_xlabel("z[0]")
     fig.suptitle(f"{title}: decoded latent grid of each class")
     return fig
+
+
+def study_history(values, pruned, objective, lower_is_better=True, importances=None,
+                  title="study"):
+    """A hyper-parameter study trial by trial: each complete trial's objective (values, NaN for
+    the others), the best so far, and where trials were pruned (pruned: None, "loss" or "time"
+    per trial, drawn as ticks under the points); beside it, the parameters' importances
+    ({name: share}) when given, which say what the search learned."""
+    values = np.asarray(values, dtype=float)
+    numbers = np.arange(len(values))
+    fig = _new_figure(9.0 if importances else 5.6, 3.4)
+    axes = fig.subplots(1, 2 if importances else 1, squeeze=False,
+                        width_ratios=[1.6, 1] if importances else None)[0]
+    ax = axes[0]
+    done = np.isfinite(values)
+    ax.plot(numbers[done], values[done], "o", ms=4, alpha=0.7, label="complete trial")
+    best = (np.fmin if lower_is_better else np.fmax).accumulate(
+        np.where(done, values, np.inf if lower_is_better else -np.inf))
+    shown = np.isfinite(best)
+    ax.step(numbers[shown], best[shown], where="post", color="C3", label="best so far")
+    for cause, colour, marker in (("loss", "C7", "|"), ("time", "C1", "x")):
+        cut = [i for i, why in enumerate(pruned) if why == cause]
+        if cut:
+            ax.plot(cut, np.zeros(len(cut)), marker, color=colour, ms=7, clip_on=False,
+                    transform=ax.get_xaxis_transform(),
+                    label="pruned: over the time budget" if cause == "time" else
+                    "pruned: test loss")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(objective)
+    ax.set_xlim(-0.5, max(len(values) - 0.5, 0.5))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(f"{title}: {objective} by trial")
+    if importances:
+        names = list(importances)[::-1]  # the most important on top
+        ax = axes[1]
+        ax.barh(names, [importances[name] for name in names], color="C0")
+        ax.set_xlabel("importance (share)")
+        ax.set_xlim(0, 1)
+        ax.set_title("which parameters mattered")
+        ax.grid(axis="x", alpha=0.3)
+    return fig

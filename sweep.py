@@ -9,8 +9,16 @@ One command per worker, as many workers as cores or machines, all sharing one st
 A trial is one configuration (a value for each --space) with one seed, run as a user would run it,
 in its own process: `python SCRIPT ARGS FLAGS --seed S --results-dir SWEEPS_DIR/STUDY/trial-N`.
 Its value is the run's --objective in metrics.json; the other metrics become the trial's user
-attributes. Every epoch's test loss (history.csv) goes to Optuna's median pruner, which stops a
-hopeless run with SIGINT (the script checkpoints and exits 130).
+attributes. Every epoch's test loss (the negative test ELBO, from history.csv) goes to Optuna's
+pruner (median, or Hyperband's multi-fidelity rungs), which stops a hopeless run with SIGINT (the
+script checkpoints and exits 130).
+
+With --max-time-ratio R, each worker first times a baseline configuration (the flags after -- alone,
+or --baseline) for a few epochs on its machine; a trial whose epochs take longer than R times the
+baseline's is pruned as over the time budget, and TPE learns to avoid such configurations (Optuna's
+constraints). The report gives each configuration's time per epoch, its ratio to the baseline,
+what was pruned and why, the trials' total run time, and the parameters' importances; --figure
+draws the study's history.
 
 When every --space is a list, the study's first worker queues the whole grid times the seeds and
 each worker takes the next queued trial, so no point runs twice. With a range (LOW:HIGH[:log]),
@@ -35,6 +43,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -42,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 
@@ -49,11 +59,19 @@ import optuna
 import sqlalchemy
 
 import fid
+import plot_utils
 from fid import RunFailed, UsageError
 
 DEFAULT_OBJECTIVE = "fid_pixel_recon"  # the original repository's metric
-PRUNING_LOSS = "val_loss"  # the column of history.csv reported each epoch: the test loss
-PRUNER_STARTUP_TRIALS = 5  # no pruning until this many trials completed (Optuna's default)
+# The columns of history.csv summed into each epoch's reported test loss: the negative test ELBO,
+# unweighted, so that runs of any --beta or KL warm-up compare.
+PRUNING_TERMS = ("val_reconstruction_loss", "val_kl_loss")
+PRUNERS = ("median", "hyperband", "none")
+PRUNER_STARTUP_TRIALS = 5  # no median pruning until this many trials completed (Optuna's default)
+# A run's time per epoch is the median of its epochs after the first (which traces the step): the
+# time budget is judged once TIMED_EPOCHS of them are done, the baseline timed on BASELINE_EPOCHS.
+TIMED_EPOCHS = 2
+BASELINE_EPOCHS = 4
 # Set by the sweep itself: a trial's seed, folder and resumption.
 RESERVED_FLAGS = ("--seed", "--results-dir", "--resume", "--overwrite", "--evaluate-only")
 # Files on the worker's own machine: each worker gives its own, outside the study's definition.
@@ -64,11 +82,13 @@ POLL_SECONDS = 0.2  # how often a worker reads its run's history.csv
 # The columns of results/tuning.csv: one run per row.
 CSV_METRICS = ("fid_pixel_recon", "fid_pixel_samples", "fid_classifier_samples",
                "fid_classifier_recon", "test_log_likelihood_iw", "test_elbo")
-RUN_COLUMNS = ("active_units", "latent_dim", "cpu")  # later additions: a file may lack them
+# Later additions: a file may lack them. pruned: "time" (over the budget) or "loss" (the pruner).
+RUN_COLUMNS = ("active_units", "latent_dim", "cpu", "epoch_seconds", "time_ratio", "pruned")
 CSV_COLUMNS = ("script", "flags", "seed", "epochs", *CSV_METRICS, "iw_samples", "train_seconds",
                "seconds", *RUN_COLUMNS)
 # The metrics the report shows beside the objective (whose range over seeds it shows too).
 REPORTED = ("fid_pixel_recon", "fid_classifier_samples", "test_elbo", "test_log_likelihood_iw")
+IMPORTANCE_MIN_TRIALS = 10  # fewer complete trials say little about which parameters matter
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 # Optuna calls heartbeats and their retries experimental (since 2.8): they are what sweeps rely on.
@@ -177,8 +197,21 @@ def build_parser():
     parser.add_argument("--heartbeat", type=heartbeat_seconds, default=60,
                         help="seconds without a heartbeat after which another worker fails a "
                              "trial and queues it again, to be resumed")
-    parser.add_argument("--no-prune", action="store_true",
-                        help="run every trial to the end (no median pruning)")
+    parser.add_argument("--pruner", choices=PRUNERS, default="median",
+                        help="stops runs whose test loss is worse than the median of earlier "
+                             "trials' at the same epoch, or Hyperband's (multi-fidelity: runs "
+                             "compete in rungs of 1, 3, 9, ... epochs), or none")
+    parser.add_argument("--max-time-ratio", type=fid.positive_float, metavar="R",
+                        help="prune a trial whose epochs take longer than R times the baseline's, "
+                             f"which each worker times first ({BASELINE_EPOCHS} epochs) on its "
+                             "machine")
+    parser.add_argument("--baseline", metavar="FLAGS",
+                        help="with --max-time-ratio: the script's flags of the baseline, as one "
+                             "argument (--baseline='--latent-dim 2'); default: the flags after -- "
+                             "alone, which leave the searched options at the script's defaults")
+    parser.add_argument("--figure", metavar="PNG",
+                        help="with --report: draw the study's history (each trial's objective, "
+                             "the best so far, the pruned) and its parameters' importances")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--report", action="store_true",
                        help="print the study's table (per configuration: seeds, median and range "
@@ -200,8 +233,12 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.script_args, args.local_args = split_local(script_args)
+    if args.figure and not args.report:
+        parser.error("--figure draws a study's history with --report")
     if args.report or args.import_csv or args.export_csv:
         return args
+    if args.baseline is not None and not args.max_time_ratio:
+        parser.error("--baseline is the reference of --max-time-ratio: give both")
     if not args.script:
         parser.error("--script is required to run a sweep (or give --report, --import-csv or "
                      "--export-csv)")
@@ -275,8 +312,15 @@ def shown(url):
 
 def definition(args):
     """What makes a study: every worker must agree on it (--trials may grow)."""
-    return {"script": args.script, "space": args.space, "seeds": args.seeds,
-            "args": args.script_args, "objective": args.objective}
+    sweep = {"script": args.script, "space": args.space, "seeds": args.seeds,
+             "args": args.script_args, "objective": args.objective}
+    if args.pruner != "median":  # each later option only where given: older studies still match
+        sweep["pruner"] = args.pruner
+    if args.max_time_ratio:
+        sweep["max_time_ratio"] = args.max_time_ratio
+        sweep["baseline"] = (split_local(shlex.split(args.baseline))[0]
+                             if args.baseline is not None else args.script_args)
+    return sweep
 
 
 def is_grid(space):
@@ -301,10 +345,10 @@ def open_study(args, storage):
     try:
         study = optuna.create_study(storage=storage, study_name=args.study,
                                     direction=direction(args.objective), sampler=sampler(),
-                                    pruner=pruner(args))
+                                    pruner=pruner(sweep))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=args.study, storage=storage, sampler=sampler(),
-                                  pruner=pruner(args))
+                                  pruner=pruner(sweep))
         deadline = time.monotonic() + args.heartbeat
         while "sweep" not in study.user_attrs:
             if time.monotonic() > deadline:
@@ -324,12 +368,18 @@ def open_study(args, storage):
 
 
 def sampler():
+    """TPE. With a time budget, each trial's excess over it is its constraint (TPE counts a trial
+    over budget as worse than any within it)."""
     return optuna.samplers.TPESampler()
 
 
-def pruner(args):
-    return (optuna.pruners.NopPruner() if args.no_prune else
-            optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS))
+def pruner(sweep):
+    """With a time budget, the loss pruner waits until a run's time per epoch is known."""
+    first_epoch = 1 + TIMED_EPOCHS if "max_time_ratio" in sweep else 1
+    return {"median": optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
+                                                  n_warmup_steps=first_epoch),
+            "hyperband": optuna.pruners.HyperbandPruner(min_resource=first_epoch),
+            "none": optuna.pruners.NopPruner()}[sweep.get("pruner", "median")]
 
 
 def sampled_configurations(trials):
@@ -416,17 +466,87 @@ def prepare_training_process(parent):
             os._exit(1)
 
 
+class Epoch(typing.NamedTuple):
+    number: int
+    loss: float  # the negative test ELBO (PRUNING_TERMS)
+    seconds: float
+
+
 def read_history(results_dir):
     path = results_dir / "history.csv"
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return [(int(row["epoch"]), float(row[PRUNING_LOSS])) for row in csv.DictReader(f)]
+        return [Epoch(int(row["epoch"]), sum(float(row[term]) for term in PRUNING_TERMS),
+                      float(row["seconds"])) for row in csv.DictReader(f)]
+
+
+def seconds_per_epoch(seconds):
+    """The median of a run's epoch times after the first, which traces the training step."""
+    return statistics.median(seconds[1:] or seconds)
 
 
 def last_line(path):
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
+
+
+def run_script(command, results_dir, on_epoch):
+    """The script in its own process, its output appended to train.log. After each new epoch of
+    history.csv, on_epoch(history so far) may return why to stop the run, which then (if still
+    running) gets SIGINT, checkpoints and exits 130, as on Ctrl-C. Returns (exit code, the reason
+    it was stopped or None)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(results_dir / "train.log", "a") as log:  # its own process group: a Ctrl-C
+        # reaches the worker, which passes one SIGINT on
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            process_group=0, preexec_fn=functools.partial(prepare_training_process, os.getpid()))
+    seen = 0
+    try:
+        while True:
+            try:
+                code = process.wait(timeout=POLL_SECONDS)
+            except subprocess.TimeoutExpired:
+                code = None
+            history = read_history(results_dir)
+            for count in range(seen + 1, len(history) + 1):
+                reason = on_epoch(history[:count])
+                if reason and code is None:
+                    process.send_signal(signal.SIGINT)  # checkpointed, exit 130
+                    return process.wait(), reason
+            seen = len(history)
+            if code is not None:
+                return code, None
+    except BaseException:
+        if process.poll() is None:  # an interrupt: let the run checkpoint, as Ctrl-C would
+            process.send_signal(signal.SIGINT)
+            process.wait()
+        raise
+
+
+def time_baseline(args, sweep):
+    """Seconds per epoch of the study's baseline on this worker's machine, from a run of
+    BASELINE_EPOCHS epochs (stopped there, then deleted)."""
+    results_dir = (Path(args.sweeps_dir) / args.study /
+                   f"baseline-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(results_dir, ignore_errors=True)
+    command = [sys.executable, sweep["script"], *sweep["baseline"], *args.local_args,
+               "--seed", str(sweep["seeds"][0]), "--results-dir", str(results_dir)]
+    print(f"[sweep] timing the baseline for {BASELINE_EPOCHS} epochs: {shlex.join(command)}",
+          flush=True)
+    code, _ = run_script(command, results_dir,
+                         lambda history: "timed" if len(history) >= BASELINE_EPOCHS else None)
+    history = read_history(results_dir)
+    if len(history) < min(BASELINE_EPOCHS, 2):
+        raise UsageError(f"the baseline ({shlex.join(sweep['baseline'])}) ran {len(history)} "
+                         f"epoch(s), exit code {code}: {last_line(results_dir / 'train.log')}")
+    shutil.rmtree(results_dir)
+    seconds = seconds_per_epoch([epoch.seconds for epoch in history])
+    print(f"[sweep] baseline: {seconds:.3g} s per epoch; a trial over "
+          f"{sweep['max_time_ratio'] * seconds:.3g} s ({sweep['max_time_ratio']:g}x) is pruned",
+          flush=True)
+    return seconds
 
 
 class Objective:
@@ -435,6 +555,7 @@ class Objective:
     def __init__(self, args, study, lock):
         self.args, self.study, self.lock = args, study, lock
         self.sweep = study.user_attrs["sweep"]
+        self.baseline_seconds = None  # per epoch, timed before the first trial with a budget
         self.trial = None  # the trial it runs, for an interrupt
 
     def __call__(self, trial):
@@ -472,7 +593,7 @@ class Objective:
         start = time.perf_counter()
         if not (retry and (results_dir / "metrics.json").is_file()):  # its run finished, its
             # worker did not
-            self.train(trial, command + ["--resume"] * resumed, results_dir)
+            self.train(trial, command + ["--resume"] * resumed, results_dir, start)
         metrics = json.loads((results_dir / "metrics.json").read_text())
         if not isinstance(metrics.get(sweep["objective"]), (int, float)):
             raise UsageError(f"{results_dir}/metrics.json has no {sweep['objective']}: give the "
@@ -481,44 +602,61 @@ class Objective:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 trial.set_user_attr(key, value)
         trial.set_user_attr("train_seconds", round(sum(metrics.get("seconds_per_epoch", []))))
+        if metrics.get("seconds_per_epoch"):
+            self.record_time(trial, metrics["seconds_per_epoch"])
+        self.constrain(trial)
         trial.set_user_attr("latent_dim", metrics["config"]["latent_dim"])
         trial.set_user_attr("cpu", metrics.get("machine", {}).get("isa"))  # float32 differs by kind
         trial.set_user_attr("seconds", round(time.perf_counter() - start))
         return metrics[sweep["objective"]]
 
-    def train(self, trial, command, results_dir):
-        """The script, its output appended to train.log; its test losses reported as they come."""
-        results_dir.mkdir(parents=True, exist_ok=True)
-        with open(results_dir / "train.log", "a") as log:  # its own process group: a Ctrl-C
-            # reaches the worker, which passes one SIGINT on
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                process_group=0,
-                preexec_fn=functools.partial(prepare_training_process, os.getpid()))
-        reported = set()
-        try:
-            while True:
-                try:
-                    code = process.wait(timeout=POLL_SECONDS)
-                except subprocess.TimeoutExpired:
-                    code = None
-                for epoch, loss in read_history(results_dir):
-                    if epoch not in reported:
-                        reported.add(epoch)
-                        trial.report(loss, epoch)
-                        print(f"[sweep] trial {trial.number} epoch {epoch}: test loss {loss:.4g}",
-                              flush=True)
-                        if code is None and trial.should_prune():
-                            process.send_signal(signal.SIGINT)  # checkpointed, exit 130
-                            process.wait()
-                            raise optuna.TrialPruned(f"epoch {epoch}: test loss {loss:.4g}")
-                if code is not None:
-                    break
-        except BaseException:
-            if process.poll() is None:  # an interrupt: let the run checkpoint, as Ctrl-C would
-                process.send_signal(signal.SIGINT)
-                process.wait()
-            raise
+    def record_time(self, trial, seconds):
+        """The run's seconds per epoch and, with a time budget, their ratio to the baseline's
+        (returned)."""
+        trial.set_user_attr("epoch_seconds", round(seconds_per_epoch(seconds), 4))
+        if "max_time_ratio" not in self.sweep:
+            return None
+        if self.baseline_seconds is None:
+            self.baseline_seconds = time_baseline(self.args, self.sweep)
+        ratio = seconds_per_epoch(seconds) / self.baseline_seconds
+        trial.set_user_attr("time_ratio", round(ratio, 4))
+        return ratio
+
+    def constrain(self, trial):
+        """Tell the sampler, once the trial ends, how far over the time budget it was."""
+        if "time_ratio" in trial.user_attrs:
+            trial.set_constraint("time", trial.user_attrs["time_ratio"]
+                                 - self.sweep["max_time_ratio"])
+
+    def train(self, trial, command, results_dir, start):
+        """The script, its test losses reported as they come; pruned over the time budget (once
+        TIMED_EPOCHS epochs after the first are timed) or by the pruner."""
+        budget = self.sweep.get("max_time_ratio")
+        if budget and self.baseline_seconds is None:
+            self.baseline_seconds = time_baseline(self.args, self.sweep)
+
+        def on_epoch(history):
+            epoch = history[-1]
+            trial.report(epoch.loss, epoch.number)
+            print(f"[sweep] trial {trial.number} epoch {epoch.number}: test loss "
+                  f"{epoch.loss:.4g}", flush=True)
+            if budget and len(history) == 1 + TIMED_EPOCHS:
+                ratio = self.record_time(trial, [e.seconds for e in history])
+                if ratio > budget:
+                    return ("time", f"epoch {epoch.number}: {ratio:.2f}x the baseline's time per "
+                                    f"epoch, over the budget of {budget:g}x")
+            if trial.should_prune():
+                return "loss", f"epoch {epoch.number}: test loss {epoch.loss:.4g}"
+            return None
+
+        code, pruned = run_script(command, results_dir, on_epoch)
+        if pruned:
+            cause, message = pruned
+            trial.set_user_attr("pruned", cause)
+            trial.set_user_attr("epochs", len(read_history(results_dir)))
+            trial.set_user_attr("seconds", round(time.perf_counter() - start))
+            self.constrain(trial)
+            raise optuna.TrialPruned(message)
         if code == fid.EXIT_USAGE:
             raise UsageError(f"{' '.join(command[1:])}: {last_line(results_dir / 'train.log')}")
         if code:
@@ -581,15 +719,18 @@ def work(args, study, storage):
             lock.release()
         if objective.trial is not None:
             trial = study.get_trials(deepcopy=False)[objective.trial.number]
-            print(f"[sweep] trial {trial.number} {outcome(trial, sweep['objective'])}", flush=True)
+            print(f"[sweep] trial {trial.number} {outcome(trial, sweep)}", flush=True)
 
 
-def outcome(trial, objective):
+def outcome(trial, sweep):
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        return f"complete: {objective} {trial.value:.4g}"
+        return f"complete: {sweep['objective']} {trial.value:.4g}"
     if trial.state == optuna.trial.TrialState.PRUNED:
-        return (f"pruned: its test loss is worse than the median of earlier trials; its run is "
-                f"checkpointed in {trial.user_attrs['results_dir']}")
+        why = (f"{trial.user_attrs['time_ratio']:.2f}x the baseline's time per epoch, over the "
+               f"budget of {sweep['max_time_ratio']:g}x"
+               if trial.user_attrs.get("pruned") == "time" else
+               f"its test loss is worse than the {sweep.get('pruner', 'median')} pruner allows")
+        return f"pruned: {why}; its run is checkpointed in {trial.user_attrs['results_dir']}"
     if "failure" in trial.user_attrs:
         return f"failed: {trial.user_attrs['failure']} (in {trial.user_attrs['results_dir']})"
     return "failed: another worker took the last queued trial first; nothing ran"
@@ -635,7 +776,7 @@ def report_table(study):
     header = ["script", "flags", "epochs", "seeds",
               f"{fid.RUN_METRICS[objective].label}: median (range)",
               *(fid.RUN_METRICS[metric].label for metric in others), "every latent dimension used",
-              "CPU", "training (s)", "run (s)"]
+              "CPU", "s per epoch (× baseline)", "training (s)", "run (s)"]
     rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     groups = sorted(configurations(study).items(),
                     key=lambda group: sign * statistics.median(trial.value for trial in group[1]))
@@ -651,8 +792,11 @@ def report_table(study):
             cells.append(number(median(trials, metric), fid.RUN_METRICS[metric].table_digits))
             if metric == "test_log_likelihood_iw" and median(trials, metric) is not None:
                 cells[-1] += f" (K={trials[0].user_attrs['iw_samples']})"
+        ratio = median(trials, "time_ratio")
         cells += [dimensions_used(trials),
                   "/".join(sorted({str(trial.user_attrs.get("cpu") or "—") for trial in trials})),
+                  number(median(trials, "epoch_seconds"))
+                  + (f" ({number(ratio)}×)" if ratio is not None else ""),
                   number(median(trials, "train_seconds"), 0), number(median(trials, "seconds"), 0)]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
@@ -678,7 +822,38 @@ def state_counts(study):
     counts = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
-    return ", ".join(f"{count} {state}" for state, count in counts.items()) or "no trials"
+    over_time = sum(trial.user_attrs.get("pruned") == "time" for trial in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+    return ", ".join(f"{count} {state}" + (f" ({over_time} over the time budget)"
+                                           if state == "pruned" and over_time else "")
+                     for state, count in counts.items()) or "no trials"
+
+
+def searched(study):
+    """The parameters the study's complete trials vary, the seed aside."""
+    values = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for name, value in trial.params.items():
+            values.setdefault(name, set()).add(value)
+    return [name for name, seen in values.items() if name != "seed" and len(seen) > 1]
+
+
+def importances(study):
+    """Each searched parameter's share of what decides a good objective (PED-ANOVA, Optuna's
+    evaluator that needs no scikit-learn), or {} with too few complete trials to say."""
+    names = searched(study)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < IMPORTANCE_MIN_TRIALS or not names:
+        return {}
+    return optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=names)
+
+
+def run_hours(study):
+    """Hours the study's trials ran, complete and pruned: their runs' wall-clock seconds."""
+    return sum(trial.user_attrs.get("seconds") or 0 for trial in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                optuna.trial.TrialState.PRUNED))) / 3600
 
 
 def flag_params(flags):
@@ -725,20 +900,32 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
     for run in params:
         for name, value in run.items():
             choices.setdefault(name, []).append(value)
-    distributions = {name: optuna.distributions.CategoricalDistribution(
-        sorted(set(values), key=lambda value: (str(type(value)), value)))
-        for name, values in choices.items()}
+    distributions = {name: distribution(values) for name, values in choices.items()}
     added = 0
     for row, run in zip(rows, params):
         attrs = {key: (row[key] if key in ("script", "flags") else choice(row[key])
                        if row.get(key) else None) for key in CSV_COLUMNS}
-        if run_key(attrs) in held or attrs.get(objective) is None:
+        if run_key(attrs) in held or (attrs.get(objective) is None and not attrs["pruned"]):
             continue
         study.add_trial(optuna.trial.create_trial(
-            value=attrs[objective], params=run,
+            state=optuna.trial.TrialState.PRUNED if attrs["pruned"] else
+            optuna.trial.TrialState.COMPLETE,
+            value=None if attrs["pruned"] else attrs[objective], params=run,
             distributions={name: distributions[name] for name in run}, user_attrs=attrs))
         added += 1
     return added
+
+
+def distribution(values):
+    """A parameter's range as its runs' values show it: numbers span [min, max] (on a log scale
+    where they are positive and span 10x or more), anything else is a choice."""
+    if all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+        low, high = min(values), max(values)
+        if all(isinstance(value, int) for value in values):
+            return optuna.distributions.IntDistribution(low, high)
+        return optuna.distributions.FloatDistribution(low, high, log=low > 0 and high >= 10 * low)
+    return optuna.distributions.CategoricalDistribution(
+        sorted(set(values), key=lambda value: (str(type(value)), value)))
 
 
 def run_key(attrs):
@@ -746,10 +933,10 @@ def run_key(attrs):
 
 
 def export_csv(study, path):
-    """The study's complete trials as CSV rows, replacing the file's rows of the same runs (script,
-    flags, seed) in place and keeping its others."""
-    runs = {run_key(trial.user_attrs): trial.user_attrs for trial in
-            study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    """The study's complete and pruned trials as CSV rows, replacing the file's rows of the same
+    runs (script, flags, seed) in place and keeping its others."""
+    runs = {run_key(trial.user_attrs): trial.user_attrs for trial in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))}
     rows = [{**row, "seed": int(row["seed"])} for row in read_csv(path)] if Path(path).is_file() \
         else []
     rows = [runs.pop(run_key(row), row) for row in rows] + list(runs.values())
@@ -770,6 +957,33 @@ def study_from_csv(path):
     study = optuna.create_study(direction=direction(DEFAULT_OBJECTIVE))
     import_csv(study, path)
     return study
+
+
+def print_report(study, args):
+    """The study's table, the parameters' importances, its best command per script, and with
+    --figure its history drawn."""
+    print(f"study {args.study} ({state_counts(study)}; its trials ran {run_hours(study):.2f} h in "
+          "all):\n")
+    print(report_table(study) + "\n")
+    shares = importances(study)
+    if shares:
+        print("parameter importances (PED-ANOVA): "
+              + ", ".join(f"{name} {share:.2f}" for name, share in shares.items()))
+    print("\n".join(best_commands(study, args.local_args)))
+    if args.figure:
+        trials = study.get_trials(deepcopy=False)
+        objective = study.user_attrs["sweep"]["objective"]
+        figure = plot_utils.study_history(
+            [trial.value if trial.state == optuna.trial.TrialState.COMPLETE else math.nan
+             for trial in trials],
+            [trial.user_attrs.get("pruned") for trial in trials], fid.RUN_METRICS[objective].label,
+            lower_is_better=direction(objective) == "minimize", importances=shares,
+            title=args.study)
+        try:
+            figure.savefig(args.figure)
+        except OSError as e:
+            raise UsageError(f"--figure {args.figure}: cannot write ({e.strerror})") from None
+        print(f"figure: {args.figure}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,14 +1010,11 @@ def run(args):
         if "sweep" not in study.user_attrs:
             raise UsageError(f"study {args.study} was not made by sweep.py")
         if args.export_csv:
-            count = len(study.get_trials(deepcopy=False,
-                                         states=(optuna.trial.TrialState.COMPLETE,)))
             export_csv(study, args.export_csv)
-            print(f"study {args.study}: {count} complete trial(s) written to {args.export_csv}")
+            print(f"study {args.study}: its complete and pruned trials written to "
+                  f"{args.export_csv} ({state_counts(study)})")
             return
-        print(f"study {args.study} ({state_counts(study)}):\n")
-        print(report_table(study) + "\n")
-        print("\n".join(best_commands(study, args.local_args)))
+        print_report(study, args)
         return
     study = open_study(args, storage)
     print(f"[sweep] study {args.study} in {shown(storage_url(args))}: {state_counts(study)}",

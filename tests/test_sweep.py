@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalW
 
 FAKE_TRAIN = '''
 """A stand-in for vae.py: --epochs epochs of --sleep seconds, each with the test loss --loss
-(plus seed/100), written to history.csv and a checkpoint; --resume continues the checkpoint; a
+(plus seed/100), written to history.csv (with the epoch's seconds) and a checkpoint; --resume continues the checkpoint; a
 SIGINT exits 130 with the last epoch's checkpoint kept; metrics.json at the end. With --wait-for
 FILE, epoch --wait-after + 1 begins once FILE exists (the test's cue); a run whose loss is above
 --hang-above makes no progress after its first epoch (a hopeless run)."""
@@ -55,7 +55,7 @@ checkpoint = folder / "checkpoint.json"
 if checkpoint.is_file() != args.resume:
     print("fake_train.py: error: " + ("no checkpoint" if args.resume else "holds a run"))
     sys.exit(2)
-losses = json.loads(checkpoint.read_text()) if args.resume else []
+losses, seconds = json.loads(checkpoint.read_text()) if args.resume else ([], [])
 with open(folder / "starts.txt", "a") as f:  # one line per start: process id, epochs done
     f.write(f"{os.getpid()} {len(losses)}\\n")
 (folder / "metrics.json").unlink(missing_ok=True)
@@ -65,18 +65,23 @@ try:
             time.sleep(0.02)
         while losses and args.loss > args.hang_above:
             time.sleep(0.02)
+        start = time.perf_counter()
         time.sleep(args.sleep)
         losses.append(args.loss + args.seed / 100)
-        (folder / "checkpoint.tmp").write_text(json.dumps(losses))  # first, as vae.py does
+        seconds.append(time.perf_counter() - start)
+        (folder / "checkpoint.tmp").write_text(json.dumps([losses, seconds]))  # first, as vae.py
         os.replace(folder / "checkpoint.tmp", checkpoint)
-        rows = [f"{epoch},{loss},{loss}" for epoch, loss in enumerate(losses, start=1)]
-        (folder / "history.tmp").write_text("epoch,loss,val_loss\\n" + "\\n".join(rows) + "\\n")
+        rows = [f"{epoch},{loss},{loss},{loss},0,{s}"
+                for epoch, (loss, s) in enumerate(zip(losses, seconds), start=1)]
+        (folder / "history.tmp").write_text(
+            "epoch,loss,val_loss,val_reconstruction_loss,val_kl_loss,seconds\\n"
+            + "\\n".join(rows) + "\\n")
         os.replace(folder / "history.tmp", folder / "history.csv")
 except KeyboardInterrupt:
     (folder / "interrupted").touch()
     sys.exit(130)
 metrics = {"fid_pixel_recon": losses[-1], "test_elbo": -losses[-1], "epochs": len(losses),
-           "seconds_per_epoch": [args.sleep] * len(losses), "config": {"latent_dim": 2},
+           "seconds_per_epoch": seconds, "config": {"latent_dim": 2},
            "machine": {"isa": "avx2"}, "active_units": 2 if args.seed == 0 else 1}
 (folder / "metrics.json").write_text(json.dumps(metrics))
 '''
@@ -243,7 +248,7 @@ def test_a_killed_workers_trial_is_resumed_by_another_worker(tmp_path, fake_trai
     assert retry.user_attrs["worker"].endswith(f":{other.pid}")
     starts = [line.split() for line in (first_run / "starts.txt").read_text().splitlines()]
     assert len(starts) == 2 and int(starts[1][1]) == 2  # resumed, not from epoch 1
-    assert [epoch for epoch, _ in sweep.read_history(first_run)] == [1, 2, 3, 4]
+    assert [epoch.number for epoch in sweep.read_history(first_run)] == [1, 2, 3, 4]
     assert sorted(map(str, complete_params(study))) == sorted(
         map(str, [{"loss": 1, "seed": 0}, {"loss": 2, "seed": 0}]))
 
@@ -274,7 +279,7 @@ def test_a_terminated_worker_stops_its_run_cleanly_and_queues_its_trial_again(
 
 def test_pruning_stops_a_run_worse_than_the_median_and_keeps_its_checkpoint(tmp_path, fake_train):
     """Five runs complete (the median pruner's start-up), then a hopeless one: stopped by SIGINT
-    after its first epoch, its checkpoint kept; with --no-prune, every run completes."""
+    after its first epoch, its checkpoint kept; with --pruner none, every run completes."""
     space = "loss=1,1.1,1.2,1.3,1.4,5"
     code, out, err = run_sweep(*sweep_args(tmp_path, "pruned", space, script_args=[
         "--epochs", "3", "--sleep", "0.02", "--hang-above", "4"]))
@@ -283,10 +288,10 @@ def test_pruning_stops_a_run_worse_than_the_median_and_keeps_its_checkpoint(tmp_
     assert [trial.state.name for trial in study.trials] == ["COMPLETE"] * 5 + ["PRUNED"], out
     pruned = Path(study.trials[5].user_attrs["results_dir"])
     assert (pruned / "interrupted").is_file()  # SIGINT: the script's own clean stop
-    assert json.loads((pruned / "checkpoint.json").read_text()) == [5]
+    assert json.loads((pruned / "checkpoint.json").read_text())[0] == [5]
     assert not (pruned / "metrics.json").exists() and "trial 5 pruned" in out
     assert study.trials[5].intermediate_values == {1: 5}
-    code, out, err = run_sweep(*sweep_args(tmp_path, "unpruned", space, options=["--no-prune"],
+    code, out, err = run_sweep(*sweep_args(tmp_path, "unpruned", space, options=["--pruner=none"],
                                            script_args=["--epochs", "3", "--sleep", "0.02"]))
     assert code == 0 and sweep.state_counts(load("unpruned", tmp_path)) == "6 complete"
     report = shlex.join([sys.executable, "sweep.py", "--study", "unpruned", "--report", "--sweeps-dir",
@@ -296,10 +301,10 @@ def test_pruning_stops_a_run_worse_than_the_median_and_keeps_its_checkpoint(tmp_
 
 
 def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_train):
-    # --no-prune: the sixth run is past the median pruner's start-up of five, and a sampled loss
+    # --pruner none: the sixth run is past the median pruner's start-up of five, and a sampled loss
     # above the median would stop it (test_pruning_stops_a_run_worse_than_the_median tests that)
     code, out, err = run_sweep(*sweep_args(tmp_path, "tpe", "loss=0.5:4:log", "sleep=0.01,0.02",
-                                           options=["--seeds=0,1", "--trials=3", "--no-prune"],
+                                           options=["--seeds=0,1", "--trials=3", "--pruner=none"],
                                            script_args=["--epochs", "1"]))
     assert code == 0, err
     study = load("tpe", tmp_path)
@@ -315,6 +320,61 @@ def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_
     assert len(table) == 1 + 3 and all("| 0,1 |" in line for line in table[1:])  # header, rows
     assert "every latent dimension used | CPU |" in table[0]
     assert all("| 1 of 2 | avx2 |" in line for line in table[1:])  # seed 1's runs use one
+
+
+def test_a_trial_over_the_time_budget_is_pruned_and_the_report_and_csv_say_so(tmp_path,
+                                                                               fake_train):
+    """The worker times the baseline (the stand-in's default --sleep 0.1 an epoch); a configuration 3x slower is pruned
+    once its epochs 2 and 3 are timed, a faster one completes with its ratio recorded."""
+    code, out, err = run_sweep(*sweep_args(
+        tmp_path, "budget", "sleep=0.03,0.3", options=["--max-time-ratio=2", "--pruner=none"],
+        script_args=["--epochs", "6"]))
+    assert code == 0, err
+    assert "timing the baseline for 4 epochs" in out and "trial 1 pruned: " in out, out
+    study = load("budget", tmp_path)
+    fast, slow = study.trials
+    assert (fast.state.name, slow.state.name) == ("COMPLETE", "PRUNED")
+    assert fast.user_attrs["time_ratio"] < 0.6 and 2 < slow.user_attrs["time_ratio"] < 4.5
+    assert slow.user_attrs["pruned"] == "time" and slow.user_attrs["epochs"] == 3
+    assert sorted(slow.intermediate_values) == [1, 2, 3]  # stopped once timed: its checkpoint
+    assert (Path(slow.user_attrs["results_dir"]) / "interrupted").is_file()
+    assert slow.constraints["time"] > 0 > fast.constraints["time"]  # what TPE learns from
+    assert not list((tmp_path / "sweeps" / "budget").glob("baseline-*"))  # the timing run is gone
+    storage = ["--sweeps-dir", tmp_path / "sweeps"]
+    code, out, err = run_sweep("--study", "budget", *storage, "--report", "--figure",
+                               tmp_path / "history.png")
+    assert code == 0, err
+    assert "1 complete, 1 pruned (1 over the time budget)" in out
+    [row] = [line for line in out.splitlines() if "fake_train.py |" in line]
+    assert f"({sweep.number(fast.user_attrs['time_ratio'])}×)" in row and "--sleep 0.03" in row
+    assert (tmp_path / "history.png").stat().st_size > 10_000
+    code, _, _ = run_sweep("--study", "budget", *storage, "--export-csv", tmp_path / "budget.csv")
+    with open(tmp_path / "budget.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert code == 0 and [row["pruned"] for row in rows] == ["", "time"]
+    assert rows[1]["fid_pixel_recon"] == "" and float(rows[1]["time_ratio"]) > 2
+    copy = sweep.study_from_csv(tmp_path / "budget.csv")  # the committed file tells the same story
+    assert sweep.state_counts(copy) == sweep.state_counts(study)
+    assert sweep.report_table(copy) == sweep.report_table(study)
+
+
+def test_importances_rank_the_parameter_that_decides_the_objective(tmp_path):
+    """Twelve imported runs whose objective follows --width alone, not --noise."""
+    path = tmp_path / "runs.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.CSV_COLUMNS)
+        writer.writeheader()
+        for i in range(12):
+            width, noise = 2 ** (4 + i % 6), [0.3, 0.1, 0.7, 0.5][i % 4]
+            writer.writerow({"script": "vae.py", "flags": f"--width {width} --noise {noise}",
+                             "seed": 0, "epochs": 1, "fid_pixel_recon": 100 / width})
+    study = sweep.study_from_csv(path)
+    assert study.trials[0].distributions["width"] == optuna.distributions.IntDistribution(16, 512)
+    assert study.trials[0].distributions["noise"] == optuna.distributions.FloatDistribution(0.1,
+                                                                                           0.7)
+    shares = sweep.importances(study)
+    assert list(shares) == ["width", "noise"] and shares["width"] > 0.8
+    assert sweep.importances(sweep.study_from_csv(ROOT / "results" / "seeds.csv")) == {}  # too few
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize()
@@ -344,6 +404,12 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, fake_train):
     run_sweep(*sweep_args(tmp_path, "defined", "loss=1"))
     code, _, err = run_sweep(*sweep_args(tmp_path, "defined", "loss=2"))
     assert code == 2 and "choose another --study" in err
+    code, _, err = run_sweep(*sweep_args(tmp_path, "defined", "loss=1", options=["--pruner=none"]))
+    assert code == 2 and "choose another --study" in err  # the pruner defines it too
+    for options, message in [(["--baseline=--sleep 1"], "--baseline is the reference"),
+                             (["--figure=f.png"], "--figure draws")]:
+        code, _, err = run_sweep(*sweep_args(tmp_path, "options", "loss=1", options=options))
+        assert code == 2 and message in err, err
     code, _, err = run_sweep(*sweep_args(tmp_path, "typo", "lost=2"))  # the script refuses it
     assert code == 2 and "unrecognized arguments: --lost" in err
 
@@ -385,7 +451,7 @@ def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, m
         "--script", "vae.py", "--study", "real", "--sweeps-dir", tmp_path / "sweeps",
         "--space", "hidden-dim=16", "--", "--epochs", "2", "--train-size", "256",
         "--test-size", "128", "--fid", "pixel", "--iw-samples", "0", "--fid-samples", "128",
-        "--data", tiny_mnist)
+        "--beta", "0.5", "--data", tiny_mnist)
     assert code == 0, err
     study = load("real", tmp_path)
     trial = study.trials[0]
@@ -393,12 +459,16 @@ def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, m
     assert trial.value == metrics["fid_pixel_recon"] > 0
     assert trial.user_attrs["test_elbo"] == metrics["test_elbo"]
     assert trial.user_attrs["flags"] == ("--epochs 2 --train-size 256 --test-size 128 --fid pixel "
-                                         "--iw-samples 0 --fid-samples 128 --hidden-dim 16")
+                                         "--iw-samples 0 --fid-samples 128 --beta 0.5 "
+                                         "--hidden-dim 16")
     assert study.user_attrs["sweep"]["args"] == trial.user_attrs["flags"].split()[:-2]  # no --data
     assert metrics["config"]["data"] == tiny_mnist.name  # this worker's own file
     assert metrics["config"]["hidden_dim"] == 16 and metrics["config"]["seed"] == 0
-    assert sorted(trial.intermediate_values) == [1, 2]  # each epoch's test loss, from history.csv
-    assert trial.intermediate_values[2] == pytest.approx(metrics["final_test_loss"], rel=1e-5)
+    assert sorted(trial.intermediate_values) == [1, 2]  # each epoch's test loss, from history.csv:
+    # the negative test ELBO, not the beta-weighted loss the run minimizes
+    assert trial.intermediate_values[2] == pytest.approx(
+        metrics["final_test_reconstruction_loss"] + metrics["final_test_kl_loss"], rel=1e-5)
+    assert trial.intermediate_values[2] > metrics["final_test_loss"] + 0.01
     code, _, _ = run_sweep("--study", "real", "--sweeps-dir", tmp_path / "sweeps",
                            "--export-csv", tmp_path / "runs.csv")
     with open(tmp_path / "runs.csv", newline="") as f:
