@@ -9,6 +9,7 @@ Each table sits in its document between `<!-- NAME -->` and `<!-- /NAME -->`.
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -91,24 +92,59 @@ def cpu(metrics, model=False):
     return f"{machine['cpu']} ({machine['isa']})" if model else machine["isa"]
 
 
+def seed_runs():
+    """results/seeds.csv's runs by (script, flags): each configuration's seeds."""
+    study = sweep.study_from_csv(ROOT / "results" / "seeds.csv")
+    return {key: trials for key, trials in sweep.configurations(study).items()}
+
+
 def readme_table():
-    rows = ["| run | pixel FID, reconstructions (original) | classifier FID, samples | "
-            "KID, samples | coverage, samples | test ELBO | log p(x) | CPU | command |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    """One row per committed example: over its seeds in results/seeds.csv where that holds runs of
+    its command, else its own run (seed 0)."""
+    rows = ["| run | seeds | pixel FID, reconstructions | original | classifier FID, samples | "
+            "test ELBO | log p(x) | both latent dimensions used | CPU | command |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    seeds = seed_runs()
     for folder, label in RUNS:
         m = load_metrics(folder)
-        script = command(m, folder).split()[1]
+        words = command(m, folder).split()
+        script, flags = words[1], " ".join(words[2:-2])  # without python and --results-dir
         original = (ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist"
                     and not m["config"].get("conditional") else "—")  # the original's models
         if "label_accuracy" in m:
             label += f" (label accuracy {shown(m, 'label_accuracy')})"
-        rows.append(f"| {label} | **{shown(m, 'fid_pixel_recon')}** ({original}) | "
-                    f"{shown(m, 'fid_classifier_samples')} | {kid(m, std=False)} | "
-                    f"{manifold(m, ('coverage',))} | "
-                    f"{shown(m, 'test_elbo')} | "
-                    f"{shown(m, 'test_log_likelihood_iw')} (K={m.get('iw_samples', '—')}) | "
-                    f"{cpu(m)} | `{command(m, folder)}` |")
+        runs = [trial.user_attrs for trial in seeds.get((script, flags), [])] or [
+            {**m, "seed": m["config"]["seed"], "latent_dim": m["config"]["latent_dim"],
+             "cpu": cpu(m)}]
+        rows.append(f"| {label} | {', '.join(str(run['seed']) for run in runs)} | "
+                    f"{spread(runs, 'fid_pixel_recon')} | {original} | "
+                    f"{spread(runs, 'fid_classifier_samples', ranged=False)} | "
+                    f"{spread(runs, 'test_elbo', ranged=False)} | "
+                    f"{spread(runs, 'test_log_likelihood_iw', ranged=False)} "
+                    f"(K={m.get('iw_samples', '—')}) | {both_used(runs)} | "
+                    f"{'/'.join(sorted({str(run['cpu']) for run in runs}))} | "
+                    f"`{command(m, folder)}` |")
     return "\n".join(rows)
+
+
+def spread(runs, key, ranged=True):
+    """The median of the runs' values, with their range when there are several."""
+    values = [run[key] for run in runs if run.get(key) is not None]
+    if not values:
+        return "—"
+    digits = fid.RUN_METRICS[key].table_digits
+    median = number(statistics.median(values), digits)
+    if not ranged:
+        return median
+    return f"**{median}**" + (f" ({number(min(values), digits)} to {number(max(values), digits)})"
+                              if len(values) > 1 else "")
+
+
+def both_used(runs):
+    """"k of n": the runs whose active units are all their latent dimensions."""
+    known = [run for run in runs if run.get("active_units") is not None]
+    return (f"{sum(run['active_units'] == run['latent_dim'] for run in known)} of {len(known)}"
+            if known else "—")
 
 
 def committed_runs_table():
