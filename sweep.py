@@ -787,7 +787,8 @@ def report_table(study):
             f" ({number(min(values), digits)} to {number(max(values), digits)})"
             if len(values) > 1 else "")
         cells = [script, f"`{flags}`" if flags else "(defaults)", trials[0].user_attrs["epochs"],
-                 ",".join(str(trial.user_attrs["seed"]) for trial in trials), value]
+                 ",".join(str(seed) for seed in sorted(trial.user_attrs["seed"] for trial in trials)),
+                 value]
         for metric in others:
             cells.append(number(median(trials, metric), fid.RUN_METRICS[metric].table_digits))
             if metric == "test_log_likelihood_iw" and median(trials, metric) is not None:

@@ -29,6 +29,8 @@ RUNS = [
     ("fashion_vae", "dense, Fashion-MNIST"),
     ("cvae", "dense, conditional"),
 ]
+# Committed for their figures beside a row's example: results/README.md shows them.
+OTHER_EXAMPLES = ["conv_vae_amx"]  # seed 0 of conv, as the original, on the AMX CPU
 ORIGINAL_PIXEL_FID = {"vae.py": "20.359", "conv_vae.py": "15.511"}  # the original's README
 ALWAYS_SHOWN = ("latent_dim", "epochs")  # in every command, as the original gives them
 NOT_IN_COMMANDS = ("data", "results_dir")  # machine-specific; the command names its own folder
@@ -116,7 +118,7 @@ def readme_table():
         runs = [trial.user_attrs for trial in seeds.get((script, flags), [])] or [
             {**m, "seed": m["config"]["seed"], "latent_dim": m["config"]["latent_dim"],
              "cpu": cpu(m)}]
-        rows.append(f"| {label} | {', '.join(str(run['seed']) for run in runs)} | "
+        rows.append(f"| {label} | {', '.join(str(seed) for seed in sorted(run['seed'] for run in runs))} | "
                     f"{spread(runs, 'fid_pixel_recon')} | {original} | "
                     f"{spread(runs, 'fid_classifier_samples', ranged=False)} | "
                     f"{spread(runs, 'test_elbo', ranged=False)} | "
@@ -153,7 +155,7 @@ def committed_runs_table():
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     manifold_rows = ["| folder | images | KID | precision / recall / density / coverage |",
                      "|---|---|---|---|"]
-    for folder, _ in RUNS:
+    for folder in [folder for folder, _ in RUNS] + OTHER_EXAMPLES:
         m = load_metrics(folder)
         rows.append(
             f"| `results/{folder}` | {cpu(m, model=True)} | {m['config']['seed']} | {m['epochs']} "
