@@ -209,6 +209,10 @@ def build_parser():
                         help="with --max-time-ratio: the script's flags of the baseline, as one "
                              "argument (--baseline='--latent-dim 2'); default: the flags after -- "
                              "alone, which leave the searched options at the script's defaults")
+    parser.add_argument("--baseline-every", type=fid.non_negative_int, default=10,
+                        metavar="MINUTES", help="with --max-time-ratio: time the baseline again "
+                                                "before a trial once its last timing is this old "
+                                                "(0: before every trial)")
     parser.add_argument("--figure", metavar="PNG",
                         help="with --report: draw the study's history (each trial's objective, "
                              "the best so far, the pruned) and its parameters' importances")
@@ -555,7 +559,8 @@ class Objective:
     def __init__(self, args, study, lock):
         self.args, self.study, self.lock = args, study, lock
         self.sweep = study.user_attrs["sweep"]
-        self.baseline_seconds = None  # per epoch, timed before the first trial with a budget
+        self.baseline_seconds = None  # per epoch, with a time budget: see baseline()
+        self.baseline_timed = -math.inf  # when (time.monotonic())
         self.trial = None  # the trial it runs, for an interrupt
 
     def __call__(self, trial):
@@ -616,11 +621,17 @@ class Objective:
         trial.set_user_attr("epoch_seconds", round(seconds_per_epoch(seconds), 4))
         if "max_time_ratio" not in self.sweep:
             return None
-        if self.baseline_seconds is None:
-            self.baseline_seconds = time_baseline(self.args, self.sweep)
-        ratio = seconds_per_epoch(seconds) / self.baseline_seconds
+        ratio = seconds_per_epoch(seconds) / (self.baseline_seconds or self.baseline())
         trial.set_user_attr("time_ratio", round(ratio, 4))
         return ratio
+
+    def baseline(self):
+        """The baseline's seconds per epoch, timed again before a trial once the last timing is
+        --baseline-every minutes old: a shared machine's speed drifts."""
+        if time.monotonic() - self.baseline_timed > 60 * self.args.baseline_every:
+            self.baseline_seconds = time_baseline(self.args, self.sweep)
+            self.baseline_timed = time.monotonic()
+        return self.baseline_seconds
 
     def constrain(self, trial):
         """Tell the sampler, once the trial ends, how far over the time budget it was."""
@@ -632,8 +643,8 @@ class Objective:
         """The script, its test losses reported as they come; pruned over the time budget (once
         TIMED_EPOCHS epochs after the first are timed) or by the pruner."""
         budget = self.sweep.get("max_time_ratio")
-        if budget and self.baseline_seconds is None:
-            self.baseline_seconds = time_baseline(self.args, self.sweep)
+        if budget:
+            self.baseline()
 
         def on_epoch(history):
             epoch = history[-1]

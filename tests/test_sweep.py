@@ -324,13 +324,16 @@ def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path, fake_
 
 def test_a_trial_over_the_time_budget_is_pruned_and_the_report_and_csv_say_so(tmp_path,
                                                                                fake_train):
-    """The worker times the baseline (the stand-in's default --sleep 0.1 an epoch); a configuration 3x slower is pruned
-    once its epochs 2 and 3 are timed, a faster one completes with its ratio recorded."""
+    """The worker times the baseline (the stand-in's default --sleep 0.1 an epoch) before each
+    trial; a configuration 3x slower is pruned once its epochs 2 and 3 are timed, a faster one
+    completes with its ratio recorded."""
     code, out, err = run_sweep(*sweep_args(
-        tmp_path, "budget", "sleep=0.03,0.3", options=["--max-time-ratio=2", "--pruner=none"],
+        tmp_path, "budget", "sleep=0.03,0.3", options=["--max-time-ratio=2", "--pruner=none",
+                                                       "--baseline-every=0"],
         script_args=["--epochs", "6"]))
     assert code == 0, err
-    assert "timing the baseline for 4 epochs" in out and "trial 1 pruned: " in out, out
+    assert out.count("timing the baseline for 4 epochs") == 2  # before each trial, with 0
+    assert "trial 1 pruned: " in out, out
     study = load("budget", tmp_path)
     fast, slow = study.trials
     assert (fast.state.name, slow.state.name) == ("COMPLETE", "PRUNED")
