@@ -390,7 +390,7 @@ def study_history(values, pruned, objective, lower_is_better=True, importances=N
         np.where(done, values, np.inf if lower_is_better else -np.inf))
     shown = np.isfinite(best)
     ax.step(numbers[shown], best[shown], where="post", color="C3", label="best so far")
-    for cause, colour, marker in (("loss", "C7", "|"), ("time", "C1", "x")):
+    for cause, colour, marker in (("loss", "C7", "v"), ("time", "C1", "x")):
         cut = [i for i, why in enumerate(pruned) if why == cause]
         if cut:
             ax.plot(cut, np.zeros(len(cut)), marker, color=colour, ms=7, clip_on=False,
@@ -400,6 +400,7 @@ def study_history(values, pruned, objective, lower_is_better=True, importances=N
     ax.set_xlabel("trial")
     ax.set_ylabel(objective)
     ax.set_xlim(-0.5, max(len(values) - 0.5, 0.5))
+    ax.margins(y=0.12)  # the pruned trials' marks sit on the bottom axis, below every point
     ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)

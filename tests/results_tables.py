@@ -24,6 +24,7 @@ from sweep import number  # noqa: E402
 RUNS = [
     ("vae", "dense, as the original"),
     ("vae_tuned", "dense, tuned"),
+    ("vae_budget", "dense, swept at ≤ 2x time"),
     ("conv_vae", "conv, as the original"),
     ("conv_vae_tuned", "conv, tuned"),
     ("fashion_vae", "dense, Fashion-MNIST"),
@@ -40,19 +41,27 @@ def load_metrics(folder):
     return json.loads((ROOT / "results" / folder / "metrics.json").read_text())
 
 
-def command(metrics, folder):
-    """The command that makes the run: its options that differ from the script's defaults."""
+def architecture_of(metrics=None, script=None):
+    """The script's Architecture, from a run's metrics.json or the script's name."""
     import conv_vae
     import vae
 
-    architecture = vae.DENSE if metrics["model"] == vae.DENSE.title else conv_vae.CONV
+    dense = metrics["model"] == vae.DENSE.title if metrics else script == vae.DENSE.script
+    return vae.DENSE if dense else conv_vae.CONV
+
+
+def options(config, architecture):
+    """The options a run's config sets away from the script's defaults, as flags in the parser's
+    order (latent size and epochs always: the original gives them)."""
+    import vae
+
     parser, _ = vae.build_parser(architecture)
     flags = []
     for action in parser._actions:  # argparse keeps no public list of its options
         key, option = action.dest, action.option_strings[-1] if action.option_strings else None
-        if key not in metrics["config"] or key in NOT_IN_COMMANDS or option is None:
+        if key not in config or key in NOT_IN_COMMANDS or option is None:
             continue
-        value = metrics["config"][key]
+        value = config[key]
         default = action.default
         if action.type is vae.fid_kinds:
             default, value = vae.fid_kinds(default), tuple(value)
@@ -63,7 +72,23 @@ def command(metrics, folder):
         else:
             shown = ",".join(value) if isinstance(value, tuple) else value
             flags.append(f"{option} {shown}")
-    return " ".join(["python", architecture.script, *flags, "--results-dir", f"results/{folder}"])
+    return " ".join(flags)
+
+
+def command(metrics, folder):
+    """The command that makes the run: its options that differ from the script's defaults."""
+    architecture = architecture_of(metrics)
+    return " ".join(["python", architecture.script, options(metrics["config"], architecture),
+                     "--results-dir", f"results/{folder}"])
+
+
+def same_options(script, flags):
+    """A sweep run's flags in the form options() gives them, to match a folder's command."""
+    import vae
+
+    architecture = architecture_of(script=script)
+    parser, _ = vae.build_parser(architecture)
+    return options(vars(parser.parse_args(flags.split())), architecture)
 
 
 def shown(metrics, key):
@@ -95,9 +120,10 @@ def cpu(metrics, model=False):
 
 
 def seed_runs():
-    """results/seeds.csv's runs by (script, flags): each configuration's seeds."""
+    """results/seeds.csv's runs by script and options (as options() gives them)."""
     study = sweep.study_from_csv(ROOT / "results" / "seeds.csv")
-    return {key: trials for key, trials in sweep.configurations(study).items()}
+    return {(script, same_options(script, flags)): trials
+            for (script, flags), trials in sweep.configurations(study).items()}
 
 
 def readme_table():
@@ -109,8 +135,8 @@ def readme_table():
     seeds = seed_runs()
     for folder, label in RUNS:
         m = load_metrics(folder)
-        words = command(m, folder).split()
-        script, flags = words[1], " ".join(words[2:-2])  # without python and --results-dir
+        architecture = architecture_of(m)
+        script, flags = architecture.script, options(m["config"], architecture)
         original = (ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist"
                     and not m["config"].get("conditional") else "—")  # the original's models
         if "label_accuracy" in m:

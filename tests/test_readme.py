@@ -99,7 +99,7 @@ def test_results_table_commands_run_as_printed_in_order(fresh_clone, tiny_mnist,
 
 def test_sweep_commands_parse_and_give_each_run_options_of_its_script(monkeypatch):
     """The sweeps both documents print: sweep.py takes them, and every grid point's command line
-    (the arguments after `--` and the point's flags) is one its script takes."""
+    (the arguments after `--` and the point's flags; a range's ends) is one its script takes."""
     import conv_vae
     import sweep
     import vae
@@ -107,13 +107,15 @@ def test_sweep_commands_parse_and_give_each_run_options_of_its_script(monkeypatc
     monkeypatch.chdir(ROOT)  # where --script names the scripts
     text = README.read_text() + (ROOT / "results" / "README.md").read_text()
     commands = re.findall(r"^(?:\.venv/bin/)?python sweep\.py (.+?)(?:\s+#.*)?$", text, re.M)
-    assert len(commands) == 13
+    assert len(commands) == 21
     for command in commands:
         args = sweep.parse_args(shlex.split(command))
         if not args.script:
             continue
         architecture = {"vae.py": vae.DENSE, "conv_vae.py": conv_vae.CONV}[args.script]
         parser, _ = vae.build_parser(architecture)
-        for point in sweep.grid(args.space, args.seeds):
+        ends = [entry if "choices" in entry else {"name": entry["name"], "choices": [
+            entry["low"], entry["high"]]} for entry in args.space]  # a range: both its ends
+        for point in sweep.grid(ends, args.seeds):
             flags = [word for name, value in point.items() for word in (f"--{name}", str(value))]
             parser.parse_args([*args.script_args, *args.local_args, *flags])
