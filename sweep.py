@@ -815,13 +815,17 @@ def report_table(study):
 
 
 def best_commands(study, local_args=()):
-    """Per script, the configuration with the best median objective, as a command to paste: this
-    interpreter, the script, its flags and local_args (this machine's --data)."""
+    """Per script, the configuration with the best median objective within the study's time
+    budget (where it has one), as a command to paste: this interpreter, the script, its flags and
+    local_args (this machine's --data)."""
     objective = study.user_attrs["sweep"]["objective"]
+    budget = study.user_attrs["sweep"].get("max_time_ratio", math.inf)
     sign = 1 if direction(objective) == "minimize" else -1
     best = {}
     for (script, flags), trials in configurations(study).items():
         value = statistics.median(trial.value for trial in trials)
+        if (median(trials, "time_ratio") or 0) > budget:
+            continue
         if script not in best or sign * value < sign * best[script][0]:
             best[script] = (value, flags, [trial.user_attrs["seed"] for trial in trials])
     return [f"best {script}: "

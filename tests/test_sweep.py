@@ -361,6 +361,18 @@ def test_a_trial_over_the_time_budget_is_pruned_and_the_report_and_csv_say_so(tm
     assert sweep.report_table(copy) == sweep.report_table(study)
 
 
+def test_the_best_command_is_the_best_configuration_within_the_time_budget(tmp_path, fake_train):
+    """Two epochs: too few to prune at, so the slow configurations complete over budget; the
+    equally good fast one is the best command."""
+    code, out, err = run_sweep(*sweep_args(
+        tmp_path, "best", "sleep=0.3,0.03", "loss=1,2", options=["--max-time-ratio=2"],
+        script_args=["--epochs", "2"]))
+    assert code == 0, err
+    code, out, err = run_sweep("--study", "best", "--sweeps-dir", tmp_path / "sweeps", "--report")
+    [best] = [line for line in out.splitlines() if line.startswith("best ")]
+    assert code == 0 and "--sleep 0.03 --loss 1`" in best, out
+
+
 def test_importances_rank_the_parameter_that_decides_the_objective(tmp_path):
     """Twelve imported runs whose objective follows --width alone, not --noise."""
     path = tmp_path / "runs.csv"
