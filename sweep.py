@@ -769,11 +769,16 @@ def median(trials, key):
     return statistics.median(values) if values else None
 
 
-def dimensions_used(trials):
-    """"k of n": the runs whose active units are all their latent dimensions (posterior collapse
-    leaves one unused), of those that measured them."""
-    known = [trial.user_attrs for trial in trials
-             if trial.user_attrs.get("active_units") is not None]
+def value_range(values, digits):
+    """" (lowest to highest)" of several runs' values, nothing for one."""
+    return (f" ({number(min(values), digits)} to {number(max(values), digits)})"
+            if len(values) > 1 else "")
+
+
+def dimensions_used(runs):
+    """"k of n": the runs (their metrics: a trial's user attributes) whose active units are all
+    their latent dimensions (posterior collapse leaves one unused), of those that measured them."""
+    known = [run for run in runs if run.get("active_units") is not None]
     if not known:
         return "—"
     return f"{sum(run['active_units'] == run['latent_dim'] for run in known)} of {len(known)}"
@@ -794,9 +799,7 @@ def report_table(study):
     for (script, flags), trials in groups:
         values = [trial.value for trial in trials]
         digits = fid.RUN_METRICS[objective].table_digits
-        value = number(statistics.median(values), digits) + (
-            f" ({number(min(values), digits)} to {number(max(values), digits)})"
-            if len(values) > 1 else "")
+        value = number(statistics.median(values), digits) + value_range(values, digits)
         cells = [script, f"`{flags}`" if flags else "(defaults)", trials[0].user_attrs["epochs"],
                  ",".join(str(seed) for seed in sorted(trial.user_attrs["seed"] for trial in trials)),
                  value]
@@ -805,7 +808,7 @@ def report_table(study):
             if metric == "test_log_likelihood_iw" and median(trials, metric) is not None:
                 cells[-1] += f" (K={trials[0].user_attrs['iw_samples']})"
         ratio = median(trials, "time_ratio")
-        cells += [dimensions_used(trials),
+        cells += [dimensions_used([trial.user_attrs for trial in trials]),
                   "/".join(sorted({str(trial.user_attrs.get("cpu") or "—") for trial in trials})),
                   number(median(trials, "epoch_seconds"))
                   + (f" ({number(ratio)}×)" if ratio is not None else ""),

@@ -149,7 +149,7 @@ def readme_table():
                     f"{spread(runs, 'fid_classifier_samples', ranged=False)} | "
                     f"{spread(runs, 'test_elbo', ranged=False)} | "
                     f"{spread(runs, 'test_log_likelihood_iw', ranged=False)} "
-                    f"(K={m.get('iw_samples', '—')}) | {both_used(runs)} | "
+                    f"(K={m.get('iw_samples', '—')}) | {sweep.dimensions_used(runs)} | "
                     f"{'/'.join(sorted({str(run['cpu']) for run in runs}))} | "
                     f"`{command(m, folder)}` |")
     return "\n".join(rows)
@@ -164,15 +164,7 @@ def spread(runs, key, ranged=True):
     median = number(statistics.median(values), digits)
     if not ranged:
         return median
-    return f"**{median}**" + (f" ({number(min(values), digits)} to {number(max(values), digits)})"
-                              if len(values) > 1 else "")
-
-
-def both_used(runs):
-    """"k of n": the runs whose active units are all their latent dimensions."""
-    known = [run for run in runs if run.get("active_units") is not None]
-    return (f"{sum(run['active_units'] == run['latent_dim'] for run in known)} of {len(known)}"
-            if known else "—")
+    return f"**{median}**" + sweep.value_range(values, digits)
 
 
 def committed_runs_table():
