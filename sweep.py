@@ -618,10 +618,11 @@ class Objective:
     def record_time(self, trial, seconds):
         """The run's seconds per epoch and, with a time budget, their ratio to the baseline's
         (returned)."""
-        trial.set_user_attr("epoch_seconds", round(seconds_per_epoch(seconds), 4))
+        per_epoch = seconds_per_epoch(seconds)
+        trial.set_user_attr("epoch_seconds", round(per_epoch, 4))
         if "max_time_ratio" not in self.sweep:
             return None
-        ratio = seconds_per_epoch(seconds) / (self.baseline_seconds or self.baseline())
+        ratio = per_epoch / (self.baseline_seconds or self.baseline())
         trial.set_user_attr("time_ratio", round(ratio, 4))
         return ratio
 
@@ -654,17 +655,17 @@ class Objective:
             if budget and len(history) == 1 + TIMED_EPOCHS:
                 ratio = self.record_time(trial, [e.seconds for e in history])
                 if ratio > budget:
-                    return ("time", f"epoch {epoch.number}: {ratio:.2f}x the baseline's time per "
-                                    f"epoch, over the budget of {budget:g}x")
+                    return ("time", epoch.number, f"epoch {epoch.number}: {ratio:.2f}x the "
+                            f"baseline's time per epoch, over the budget of {budget:g}x")
             if trial.should_prune():
-                return "loss", f"epoch {epoch.number}: test loss {epoch.loss:.4g}"
+                return "loss", epoch.number, f"epoch {epoch.number}: test loss {epoch.loss:.4g}"
             return None
 
         code, pruned = run_script(command, results_dir, on_epoch)
         if pruned:
-            cause, message = pruned
+            cause, epochs, message = pruned
             trial.set_user_attr("pruned", cause)
-            trial.set_user_attr("epochs", len(read_history(results_dir)))
+            trial.set_user_attr("epochs", epochs)
             trial.set_user_attr("seconds", round(time.perf_counter() - start))
             self.constrain(trial)
             raise optuna.TrialPruned(message)
