@@ -14,8 +14,9 @@ of an epoch from the layer shapes) as a fraction of that policy's matmul ceiling
 memory, and the floor: the train step alone, looped over in-memory batches inside one compiled
 program, against the same with the plain path's layers; then what the progress frame
 (progress.gif) adds to each epoch, the likelihood estimate (the model's K) with its own layers and
-with Keras' in each policy, and a per-layer profile of one training step in each policy (for the
-convolutions, beside the form each policy does not use); then it times
+with Keras' in each policy (its share of the matmul peak beside the train step's), and a per-layer
+profile of one training step in each policy (for the convolutions, beside the form each policy does
+not use); then it times
 `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
 Run it with nothing else on the machine: the runs share its cores.
 """
@@ -62,11 +63,21 @@ def layer_flops(layer):
     return 0
 
 
+def forward_flops(*models):
+    """FLOP of one image's forward pass through the models."""
+    return sum(layer_flops(layer) for model in models for layer in model.layers)
+
+
 def epoch_gflop(encoder, decoder):
     """Training costs about 3 forward passes (forward, and backward for inputs and weights);
     the test set is one forward pass."""
-    forward = sum(layer_flops(layer) for model in (encoder, decoder) for layer in model.layers)
+    forward = forward_flops(encoder, decoder)
     return (3 * forward * TRAIN_IMAGES + forward * TEST_IMAGES) / 1e9
+
+
+def likelihood_gflop(encoder, decoder, images, num_samples):
+    """The estimate encodes each image once and decodes K samples of it."""
+    return (forward_flops(encoder) + num_samples * forward_flops(decoder)) * images / 1e9
 
 
 def timed_run(script, data, epochs, extra):
@@ -286,12 +297,17 @@ def benchmark_model(architecture, image_shape, data, epochs, floor_steps, polici
           f"{policies[0]} epoch (target < 2%)")
     if likelihood_images:
         x_test = vae.to_float_images(vae.load_dataset(data)[2][:likelihood_images])
+        estimate_gflop = likelihood_gflop(*build_networks(architecture, image_shape),
+                                          likelihood_images, architecture.iw_samples)
         for policy in policies:
             own, keras_own = (min(seconds) for seconds in zip(*(  # alternated, the best of two
                 [likelihood_seconds(architecture, x_test, policy, plain) for plain in (False, True)]
                 for _ in range(2))))
+            share = estimate_gflop / own / peak_of(policy, peaks)
+            step_share = gflop / floors[policy, False] / peak_of(policy, peaks)
             print(f"  likelihood estimate, K={architecture.iw_samples}, {likelihood_images} test "
-                  f"images, {policy}: {own:.1f} s; with Keras' layers {keras_own:.1f} s "
+                  f"images, {policy}: {own:.1f} s with tracing, {share:.1%} of the matmul peak "
+                  f"(the train step alone: {step_share:.1%}); with Keras' layers {keras_own:.1f} s "
                   f"({keras_own / own:.2f}x)")
     fastest = min(policies, key=results.get)
     print(f"  fastest policy for the {name}: {fastest}")
