@@ -827,9 +827,9 @@ def best_commands(study, local_args=()):
     sign = 1 if direction(objective) == "minimize" else -1
     best = {}
     for (script, flags), trials in configurations(study).items():
-        value = statistics.median(trial.value for trial in trials)
         if (median(trials, "time_ratio") or 0) > budget:
             continue
+        value = statistics.median(trial.value for trial in trials)
         if script not in best or sign * value < sign * best[script][0]:
             best[script] = (value, flags, [trial.user_attrs["seed"] for trial in trials])
     return [f"best {script}: "

@@ -730,8 +730,8 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, images_per_b
         for done in range(0, num_samples, samples_per_chunk):
             size = min(samples_per_chunk, num_samples - done)
             epsilon = rng.standard_normal((end - begin, size, z_mean.shape[1])).astype(np.float32)
-            calls = -(-(end - begin) // max(1, decodes_per_call // size))
-            step = -(-(end - begin) // calls)  # even calls: 50 + 50, not 99 + 1 (and a retrace)
+            calls = math.ceil((end - begin) / max(1, decodes_per_call // size))
+            step = math.ceil((end - begin) / calls)  # even calls: 50 + 50, not 99 + 1 (a retrace)
             pieces = [slice(i, min(i + step, end)) for i in range(begin, end, step)]
             chunks.append(ops.concatenate([
                 log_weights(x[part], z_mean[part], z_log_var[part],
