@@ -81,11 +81,11 @@ CONV = vae.Architecture(
 # ----------------------------------------------------------------------------------------------
 
 # Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
-# instead of Keras' op. tests/bench/bench_training.py times each layer both ways: on a CPU, TF's
-# bfloat16 convolutions are the slower (up to 6x in a training step); its float32 ones the faster,
-# but for the last, stride-1 one, whose form gains alone but not in a whole training step, and
-# loses at the likelihood estimate's large batches (results/README.md, Speed, both CPUs).
-MATMUL_DTYPES = ("bfloat16",)
+# instead of Keras' op. tests/bench/bench_training.py times each layer both ways (results/README.md,
+# Speed): TF's float32 convolutions are the faster on every CPU measured; its bfloat16 ones are
+# 6.3x slower in a training step on AVX2, but faster than the forms where oneDNN has AMX's matrix
+# tiles to run them on (a whole step 1.1x to 1.8x faster on three AMX CPUs).
+MATMUL_DTYPES = () if vae.cpu_kind()[1] == "amx" else ("bfloat16",)
 
 
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row

@@ -385,7 +385,8 @@ def build_parser(architecture):
                        help="Keras dtype policy: mixed_* computes the VAE's layers in 16 bits, in "
                             "training and in the likelihood estimate; its variables, the loss, "
                             "the ELBO and the FID networks stay float32. mixed_bfloat16 pays for "
-                            "conv_vae.py on CPUs with AMX")
+                            "conv_vae.py on CPUs with AMX (1.4x float32); without AMX it is "
+                            "slower (AVX2: 2x slower)")
     train.add_argument("--conditional", action="store_true",
                        help="a conditional VAE: the label (one-hot, of the data's own classes) "
                             "enters the encoder and the decoder, so that samples are of the class "
@@ -1670,19 +1671,24 @@ class ProgressAfterWarmup:
 CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # metrics.json's isa
 
 
-def machine_record():
-    """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU and
-    differ in late digits across kinds (oneDNN picks other kernels for AVX2, AVX-512 and AMX), so
-    every metrics.json says which made it."""
-    from tensorflow.python.util import _pywrap_util_port
-
+def cpu_kind():
+    """(model name, kind from CPU_KINDS) of this CPU, as Linux reports it ("other" elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
                   if line.startswith("model name")), platform.processor() or platform.machine())
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
                       if line.startswith("flags")), []))
-    isa = next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+    return model, next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+
+
+def machine_record():
+    """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU and
+    differ in late digits across kinds (oneDNN picks other kernels for AVX2, AVX-512 and AMX), so
+    every metrics.json says which made it."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    model, isa = cpu_kind()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": model, "isa": isa, "cores": cores,
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),

@@ -175,14 +175,18 @@ def test_matmul_forms_equal_keras_layers_with_the_same_weights(name, monkeypatch
 
 
 @pytest.mark.parametrize("name", CONVOLUTIONS)
-def test_bfloat16_convolutions_run_as_matrix_products_float32_ones_as_keras_ops(name,
-                                                                                spied_matmul_forms):
+@pytest.mark.parametrize("matmul_dtypes", [("bfloat16",), ()], ids=["without AMX", "with AMX"])
+def test_convolutions_run_as_matrix_products_only_in_the_chosen_dtypes(name, matmul_dtypes,
+                                                                       spied_matmul_forms,
+                                                                       monkeypatch):
+    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", matmul_dtypes)
     reference, fast, x = layer_pair(name)
     np.testing.assert_array_equal(reference(x), fast(x))
     assert not spied_matmul_forms
     reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
     expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
-    assert spied_matmul_forms and keras.backend.standardize_dtype(actual[0].dtype) == "bfloat16"
+    assert bool(spied_matmul_forms) == bool(matmul_dtypes)
+    assert keras.backend.standardize_dtype(actual[0].dtype) == "bfloat16"
     for a, b in zip(expected, actual):
         assert relative_difference(a, b) < 0.05  # bfloat16: 2^-8 = 0.4% per rounding; sums of them
 

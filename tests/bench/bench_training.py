@@ -4,8 +4,8 @@
         [--models dense,conv] [--policies float32,mixed_bfloat16] [--likelihood-images 500]
         [--skip-end-to-end]
 
-Not collected by pytest (its name does not start with test_). It first measures the machine's
-ceiling: a large matrix product in float32 and in bfloat16. For each model it trains a few full
+Not collected by pytest (its name does not start with test_). It first names the CPU and its kind
+and measures the machine's ceiling: a large matrix product in float32 and in bfloat16. For each model it trains a few full
 epochs with the fast path (the default) under each dtype policy and with the plain path
 (`--plain`: arrays into fit, one step per call, no XLA, Keras' own layers, float32), each in its
 own process, and prints the median seconds per epoch after the first (the first holds tracing and
@@ -16,12 +16,13 @@ program, against the same with the plain path's layers; then what the progress f
 (progress.gif) adds to each epoch, the likelihood estimate (the model's K) with its own layers and
 with Keras' in each policy (its share of the matmul peak beside the train step's), and a per-layer
 profile of one training step in each policy (for the convolutions, beside the form each policy does
-not use); then it times
+not use) and the step's time by TensorFlow op type; then it times
 `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
 Run it with nothing else on the machine: the runs share its cores.
 """
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -183,10 +184,9 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
           "s per epoch of layer arithmetic)")
 
 
-def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
-    """Seconds per epoch of the train step alone: `steps` batches already in memory, looped inside
-    one compiled program (no data pipeline, no Keras loop, no test pass): the floor of the fast
-    path."""
+def training_loop(encoder, decoder, batch_size, xla, data, steps):
+    """The train step alone, `steps` batches already in memory looped inside one compiled program
+    (no data pipeline, no Keras loop, no test pass), traced and compiled: (loop, its batches)."""
     x = vae.to_float_images(vae.load_dataset(data)[0][:steps * batch_size])
     batches = tf.constant(x.reshape(steps, batch_size, *x.shape[1:]))
     model = vae.VAE(encoder, decoder, seed=0)
@@ -200,10 +200,50 @@ def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
             model.update(batches[i])
         return model.loss_tracker.result()
 
-    loop(batches).numpy()  # traces and compiles for this shape
+    loop(batches).numpy()
+    return loop, batches
+
+
+def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
+    """Seconds per epoch of the train step alone (training_loop): the floor of the fast path."""
+    loop, batches = training_loop(encoder, decoder, batch_size, xla, data, steps)
     start = time.perf_counter()
     loop(batches).numpy()
     return (time.perf_counter() - start) / steps * math.ceil(TRAIN_IMAGES / batch_size)
+
+
+def profile_op_types(name, encoder, decoder, batch_size, xla, data, steps=20, shown=14):
+    """Where the train step's time goes by TensorFlow op type (convolutions and products, the
+    forms' slices, pads and concatenations, casts, the dropout's random bits and masks, Adam's
+    updates), from TensorFlow's profiler over `steps` steps of training_loop: each op's time on
+    the executor threads, summed (two threads run ops at once, so the sum exceeds the wall time)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    loop, batches = training_loop(encoder, decoder, batch_size, xla, data, steps)
+    with tempfile.TemporaryDirectory() as log_dir:
+        tf.profiler.experimental.start(log_dir)
+        start = time.perf_counter()
+        loop(batches).numpy()
+        wall = (time.perf_counter() - start) / steps * 1000
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(next(Path(log_dir).rglob("*.xplane.pb")).read_bytes())
+    op_types = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_Compute"):  # the executor threads; events "name:OpType"
+                for event in line.events:
+                    event_name = plane.event_metadata[event.metadata_id].name
+                    op, _, op_type = event_name.rpartition(":")
+                    if op and "::" not in event_name:  # not the executor's own events (Class::Method)
+                        op_types[op_type] += event.duration_ps / 1e9 / steps
+    total = sum(op_types.values())
+    print(f"\n{name}: the train step by op type, {steps} steps of batch {batch_size} "
+          f"(ms per step; {total:.1f} ms of ops on the executor threads, {wall:.1f} ms wall)")
+    for op_type, milliseconds in op_types.most_common(shown):
+        print(f"  {op_type:40s} {milliseconds:7.2f} {milliseconds / total:6.1%}")
+    print(f"  {'the other ' + str(max(len(op_types) - shown, 0)) + ' op types':40s} "
+          f"{total - sum(ms for _, ms in op_types.most_common(shown)):7.2f}")
 
 
 def progress_frame_seconds(encoder, decoder, data, frames, repeats=20):
@@ -330,6 +370,9 @@ def main():
     args = parser.parse_args()
     policies, models = args.policies.split(","), args.models.split(",")
     image_shape = vae.to_float_images(vae.load_dataset(args.data)[2][:1]).shape[1:]
+    model, kind = vae.cpu_kind()
+    print(f"CPU: {model}, {vae.machine_record()['cores']} cores, kind {kind} (vae.CPU_KINDS); "
+          f"conv_vae.py's matrix-product forms run in: {', '.join(conv_vae.MATMUL_DTYPES) or 'none'}")
     peaks = {dtype: matmul_peak_gflops(getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
     print(f"matmul 2048x2048 here: {peaks['float32']:.0f} GFLOP/s in float32, "
           f"{peaks['bfloat16']:.0f} in bfloat16 (the peak the fractions below refer to)")
@@ -345,6 +388,9 @@ def main():
             profile_layers(f"{architecture.title}, {policy}",
                            *build_networks(architecture, image_shape), architecture.batch_size,
                            xla=architecture.xla, peak=peak_of(policy, peaks))
+            profile_op_types(f"{architecture.title}, {policy}",
+                             *build_networks(architecture, image_shape), architecture.batch_size,
+                             architecture.xla, args.data)
     keras.config.set_dtype_policy("float32")
     print(f"\nmatmul 2048x2048 again: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in float32, "
           f"{matmul_peak_gflops(tf.bfloat16):.0f} in bfloat16 (if far from the first, the machine's "
