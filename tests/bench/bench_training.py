@@ -5,18 +5,19 @@
         [--skip-end-to-end]
 
 Not collected by pytest (its name does not start with test_). It first names the CPU and its kind
-and measures the machine's ceiling: a large matrix product in float32 and in bfloat16. For each model it trains a few full
-epochs with the fast path (the default) under each dtype policy and with the plain path
-(`--plain`: arrays into fit, one step per call, no XLA, Keras' own layers, float32), each in its
-own process, and prints the median seconds per epoch after the first (the first holds tracing and
-compilation, printed apart), the speed-ups over the plain path, the arithmetic rate (the FLOP count
-of an epoch from the layer shapes) as a fraction of that policy's matmul ceiling, the peak resident
-memory, and the floor: the train step alone, looped over in-memory batches inside one compiled
-program, against the same with the plain path's layers; then what the progress frame
-(progress.gif) adds to each epoch, the likelihood estimate (the model's K) with its own layers and
-with Keras' in each policy (its share of the matmul peak beside the train step's), and a per-layer
-profile of one training step in each policy (for the convolutions, beside the form each policy does
-not use) and the step's time by TensorFlow op type; then it times
+and measures the machine's ceiling: a large matrix product in float32 and in bfloat16. For each
+model it trains a few full epochs with the fast path (the default) under each dtype policy and with
+the plain path (`--plain`: arrays into fit, one step per call, no XLA, Keras' own layers,
+float32), each in its own process, and prints the median seconds per epoch after the first (the
+first holds tracing and compilation, printed apart), the speed-ups over the plain path, the
+arithmetic rate (the FLOP count of an epoch from the layer shapes) as a fraction of that policy's
+matmul ceiling, the peak resident memory, and the floor: the train step alone, looped over
+in-memory batches inside one compiled program, against the same with the plain path's layers;
+then what the progress frame (progress.gif) adds to each epoch, the likelihood estimate (the
+model's K) with its own layers and with Keras' in each policy (its share of the matmul peak beside
+the train step's), and a per-layer profile of one training step in each policy (for the
+convolutions, beside the form each policy does not use) and, without XLA (the convolutional
+model), the step's time by TensorFlow op type; then it times
 `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
 Run it with nothing else on the machine: the runs share its cores.
 """
@@ -212,14 +213,15 @@ def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
     return (time.perf_counter() - start) / steps * math.ceil(TRAIN_IMAGES / batch_size)
 
 
-def profile_op_types(name, encoder, decoder, batch_size, xla, data, steps=20, shown=14):
+def profile_op_types(name, encoder, decoder, batch_size, data, steps=20, shown=14):
     """Where the train step's time goes by TensorFlow op type (convolutions and products, the
     forms' slices, pads and concatenations, casts, the dropout's random bits and masks, Adam's
-    updates), from TensorFlow's profiler over `steps` steps of training_loop: each op's time on
-    the executor threads, summed (two threads run ops at once, so the sum exceeds the wall time)."""
+    updates), from TensorFlow's profiler over `steps` steps of training_loop without XLA: each
+    op's time on the executor threads, summed (two threads run ops at once, so the sum exceeds the
+    wall time)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    loop, batches = training_loop(encoder, decoder, batch_size, xla, data, steps)
+    loop, batches = training_loop(encoder, decoder, batch_size, False, data, steps)
     with tempfile.TemporaryDirectory() as log_dir:
         tf.profiler.experimental.start(log_dir)
         start = time.perf_counter()
@@ -388,9 +390,10 @@ def main():
             profile_layers(f"{architecture.title}, {policy}",
                            *build_networks(architecture, image_shape), architecture.batch_size,
                            xla=architecture.xla, peak=peak_of(policy, peaks))
-            profile_op_types(f"{architecture.title}, {policy}",
-                             *build_networks(architecture, image_shape), architecture.batch_size,
-                             architecture.xla, args.data)
+            if not architecture.xla:  # an XLA program is one op to TensorFlow's profiler
+                profile_op_types(f"{architecture.title}, {policy}",
+                                 *build_networks(architecture, image_shape),
+                                 architecture.batch_size, args.data)
     keras.config.set_dtype_policy("float32")
     print(f"\nmatmul 2048x2048 again: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in float32, "
           f"{matmul_peak_gflops(tf.bfloat16):.0f} in bfloat16 (if far from the first, the machine's "
