@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -573,7 +574,7 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
     callbacks = [frames, checkpoints,  # each epoch's frame is saved before its checkpoint
                  HistoryCSV(results_dir, checkpoints),
                  LossCurves(results_dir, title, unit, checkpoints),
-                 keras.callbacks.TerminateOnNaN()]
+                 keras.callbacks.TerminateOnNaN(), InterruptAtBatchEnd()]
     if args.tensorboard:  # after the checkpoint: an epoch is logged once it is committed, so a
         # resume that repeats an uncommitted epoch never logs a step twice
         tensorboard_dir = results_dir / "tensorboard"
@@ -1037,7 +1038,9 @@ def main(argv=None, architecture=None):
         parser.error("--from-previous-checkpoint goes with --resume")
     if sum((args.resume, args.overwrite, args.evaluate_only)) > 1:
         parser.error("choose one of --resume, --overwrite and --evaluate-only")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill checkpoints too
+    INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)  # a polite kill checkpoints too
     code = None
     try:
         code = fid.exit_code(parser.prog, lambda: run(args, architecture, run_defining,
@@ -1519,6 +1522,26 @@ class BatchProgress(keras.callbacks.Callback):
             self.bar = keras.utils.Progbar(self.total, verbose=self.verbose, unit_name="batch",
                                            stateful_metrics={*logs, *(f"val_{k}" for k in logs)})
         self.bar.update(done, values=list(logs.items()), finalize=finalize)
+
+
+INTERRUPTED = threading.Event()  # set by interrupt(): Ctrl-C, or a sweep stopping the run
+
+
+def interrupt(signum, frame):
+    """SIGINT and SIGTERM: KeyboardInterrupt, as Python's own handler, and a mark that stays. Raised
+    while a weakref callback or a destructor runs, the KeyboardInterrupt is only printed
+    ("Exception ignored in ..."): the mark lets InterruptAtBatchEnd raise it again."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+class InterruptAtBatchEnd(keras.callbacks.Callback):
+    """Stops training at the end of the batch after an interrupt that Python swallowed; without
+    it the run goes on to its last epoch (a sweep's SIGINT to a pruned trial was lost so)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
 
 
 def random_states(model):

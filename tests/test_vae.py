@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -293,6 +294,28 @@ def interrupt_after_epochs(monkeypatch, epochs):
         if self.epochs_done == epochs:
             raise KeyboardInterrupt
     monkeypatch.setattr(vae.Checkpoints, "on_epoch_end", on_epoch_end_then_interrupt)
+
+
+def test_an_interrupt_python_swallowed_still_stops_the_run_at_the_next_batch(tmp_path, tiny_mnist,
+                                                                             monkeypatch):
+    swallowed = []  # what Python hands sys.unraisablehook instead of raising
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+    on_epoch_end = vae.Checkpoints.on_epoch_end
+
+    def on_epoch_end_then_interrupt_in_a_weakref_callback(self, epoch, logs=None):
+        on_epoch_end(self, epoch, logs)
+        if self.epochs_done == 1:
+            owner = type("Owner", (), {})()
+            reference = weakref.ref(owner, lambda _: vae.interrupt(signal.SIGINT, None))
+            del owner  # the callback runs here; its KeyboardInterrupt goes to unraisablehook
+            assert reference() is None
+    monkeypatch.setattr(vae.Checkpoints, "on_epoch_end", on_epoch_end_then_interrupt_in_a_weakref_callback)
+    interrupted = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "3",
+                           "--fid", "none")
+    assert [type(hook.exc_value) for hook in swallowed] == [KeyboardInterrupt]
+    assert interrupted.returncode == 130 and "1 complete epoch checkpointed" in interrupted.stdout
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["epochs_done"] == 1
+    vae.INTERRUPTED.clear()
 
 
 def test_cosine_schedule_survives_an_interrupt_and_resume_and_cannot_be_extended(tmp_path, tiny_mnist,
