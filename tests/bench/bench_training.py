@@ -163,7 +163,7 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
           f"matmul ceiling {peak:.0f} GFLOP/s)")
     print(f"  {'layer':36s} {'output':>13s} {'forward':>8s} {'fwd+bwd':>8s} {'share':>6s} "
           f"{'GFLOP/s':>8s} {'of peak':>7s}  other form, fwd+bwd")
-    rows = []
+    rows, convolutions = [], {"this form": 0.0, "the other": 0.0}
     for model in (encoder, decoder):
         for layer in model.layers[1:]:
             x = tf.cast(tf.random.uniform((batch_size, *layer.input.shape[1:])), layer.input.dtype)
@@ -173,6 +173,8 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
                 with other_form(layer, x.shape) as form:
                     other_ms = layer_milliseconds(layer, x, xla, overhead, repeats)[1]
                 other = f"{other_ms:8.2f} ({form})"
+                convolutions["this form"] += times[1]
+                convolutions["the other"] += other_ms
             gflops = 3 * layer_flops(layer) * batch_size / max(times[1], 0.01) / 1e6
             rows.append((f"{model.name}/{layer.name}",
                          str(tuple(layer.output.shape[1:])), *times, gflops, other))
@@ -183,6 +185,10 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
     print(f"  {'sum of layers':36s} {'':>13s} {'':>8s} {total:8.2f}   "
           f"(x {TRAIN_IMAGES // batch_size} steps = {total * TRAIN_IMAGES / batch_size / 1000:.1f} "
           "s per epoch of layer arithmetic)")
+    if convolutions["this form"]:  # what conv_vae.MATMUL_DTYPES decides, for this CPU
+        print(f"  {'convolutions, fwd+bwd':36s} {'':>13s} {'':>8s} "
+              f"{convolutions['this form']:8.2f}   in the other form {convolutions['the other']:.2f} "
+              f"({convolutions['the other'] / convolutions['this form']:.2f}x)")
 
 
 def training_loop(encoder, decoder, batch_size, xla, data, steps):
