@@ -163,7 +163,7 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
           f"matmul ceiling {peak:.0f} GFLOP/s)")
     print(f"  {'layer':36s} {'output':>13s} {'forward':>8s} {'fwd+bwd':>8s} {'share':>6s} "
           f"{'GFLOP/s':>8s} {'of peak':>7s}  other form, fwd+bwd")
-    rows, convolutions = [], {"this form": 0.0, "the other": 0.0}
+    rows, convolutions_ms, other_form_ms = [], 0.0, 0.0
     for model in (encoder, decoder):
         for layer in model.layers[1:]:
             x = tf.cast(tf.random.uniform((batch_size, *layer.input.shape[1:])), layer.input.dtype)
@@ -173,8 +173,8 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
                 with other_form(layer, x.shape) as form:
                     other_ms = layer_milliseconds(layer, x, xla, overhead, repeats)[1]
                 other = f"{other_ms:8.2f} ({form})"
-                convolutions["this form"] += times[1]
-                convolutions["the other"] += other_ms
+                convolutions_ms += times[1]
+                other_form_ms += other_ms
             gflops = 3 * layer_flops(layer) * batch_size / max(times[1], 0.01) / 1e6
             rows.append((f"{model.name}/{layer.name}",
                          str(tuple(layer.output.shape[1:])), *times, gflops, other))
@@ -185,10 +185,9 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
     print(f"  {'sum of layers':36s} {'':>13s} {'':>8s} {total:8.2f}   "
           f"(x {TRAIN_IMAGES // batch_size} steps = {total * TRAIN_IMAGES / batch_size / 1000:.1f} "
           "s per epoch of layer arithmetic)")
-    if convolutions["this form"]:  # what conv_vae.MATMUL_DTYPES decides, for this CPU
-        print(f"  {'convolutions, fwd+bwd':36s} {'':>13s} {'':>8s} "
-              f"{convolutions['this form']:8.2f}   in the other form {convolutions['the other']:.2f} "
-              f"({convolutions['the other'] / convolutions['this form']:.2f}x)")
+    if convolutions_ms:  # what conv_vae.MATMUL_DTYPES decides, for this CPU
+        print(f"  {'convolutions, fwd+bwd':36s} {'':>13s} {'':>8s} {convolutions_ms:8.2f}   in the "
+              f"other form {other_form_ms:.2f} ({other_form_ms / convolutions_ms:.2f}x)")
 
 
 def training_loop(encoder, decoder, batch_size, xla, data, steps):
@@ -378,8 +377,8 @@ def main():
     args = parser.parse_args()
     policies, models = args.policies.split(","), args.models.split(",")
     image_shape = vae.to_float_images(vae.load_dataset(args.data)[2][:1]).shape[1:]
-    model, kind = vae.cpu_kind()
-    print(f"CPU: {model}, {vae.machine_record()['cores']} cores, kind {kind} (vae.CPU_KINDS); "
+    machine = vae.machine_record()
+    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, kind {machine['isa']} (vae.CPU_KINDS); "
           f"conv_vae.py's matrix-product forms run in: {', '.join(conv_vae.MATMUL_DTYPES) or 'none'}")
     peaks = {dtype: matmul_peak_gflops(getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
     print(f"matmul 2048x2048 here: {peaks['float32']:.0f} GFLOP/s in float32, "
