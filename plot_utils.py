@@ -373,19 +373,24 @@ def class_manifolds(images, grid_values, class_names, title="VAE"):
 
 
 def study_history(values, pruned, objective, lower_is_better=True, importances=None,
-                  title="study"):
+                  title="study", over_budget=None):
     """A hyper-parameter study trial by trial: each complete trial's objective (values, NaN for
     the others), the best so far, and where trials were pruned (pruned: None, "loss" or "time"
     per trial, drawn as ticks under the points); beside it, the parameters' importances
-    ({name: share}) when given, which say what the search learned."""
+    ({name: share}) when given, which say what the search learned. A complete trial whose epochs
+    ran over the time budget (over_budget: a bool per trial) is drawn hollow and is not a best."""
     values = np.asarray(values, dtype=float)
     numbers = np.arange(len(values))
     fig = _new_figure(9.0 if importances else 5.6, 3.4)
     axes = fig.subplots(1, 2 if importances else 1, squeeze=False,
                         width_ratios=[1.6, 1] if importances else None)[0]
     ax = axes[0]
-    done = np.isfinite(values)
+    over = np.zeros(len(values), bool) if over_budget is None else np.asarray(over_budget, bool)
+    done = np.isfinite(values) & ~over
     ax.plot(numbers[done], values[done], "o", ms=4, alpha=0.7, label="complete trial")
+    if over.any():
+        ax.plot(numbers[over], values[over], "o", ms=4, mfc="none", color="C0",
+                label="complete, over the time budget")
     best = (np.fmin if lower_is_better else np.fmax).accumulate(
         np.where(done, values, np.inf if lower_is_better else -np.inf))
     shown = np.isfinite(best)

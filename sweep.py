@@ -222,7 +222,9 @@ def build_parser():
                             "of the objective, other metrics, seconds) and its best command")
     modes.add_argument("--import-csv", metavar="CSV",
                        help="add the runs of a results/tuning.csv-like file to the study as "
-                            "complete trials (rows it already holds are skipped)")
+                            "complete trials (rows it already holds are skipped); with the "
+                            "study's --space and --max-time-ratio, its report has the study's "
+                            "ranges (for the importances) and time budget")
     modes.add_argument("--export-csv", metavar="CSV",
                        help="write the study's complete trials into a CSV of those columns, "
                             "keeping the file's rows of other runs")
@@ -445,16 +447,31 @@ def flag_value(value):
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def space_distributions(space):
+    """Each --space entry as the Optuna distribution it is sampled from."""
+    distributions = {}
+    for entry in space:
+        if "choices" in entry:
+            distributions[entry["name"]] = optuna.distributions.CategoricalDistribution(
+                entry["choices"])
+        elif isinstance(entry["low"], int) and isinstance(entry["high"], int):
+            distributions[entry["name"]] = optuna.distributions.IntDistribution(
+                entry["low"], entry["high"], log=entry["log"])
+        else:
+            distributions[entry["name"]] = optuna.distributions.FloatDistribution(
+                entry["low"], entry["high"], log=entry["log"])
+    return distributions
+
+
 def suggest(trial, space, seeds):
     params = {}
-    for entry in space:
-        name = entry["name"]
-        if "choices" in entry:
-            params[name] = trial.suggest_categorical(name, entry["choices"])
-        elif isinstance(entry["low"], int) and isinstance(entry["high"], int):
-            params[name] = trial.suggest_int(name, entry["low"], entry["high"], log=entry["log"])
+    for name, sampled in space_distributions(space).items():
+        if isinstance(sampled, optuna.distributions.CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, sampled.choices)
+        elif isinstance(sampled, optuna.distributions.IntDistribution):
+            params[name] = trial.suggest_int(name, sampled.low, sampled.high, log=sampled.log)
         else:
-            params[name] = trial.suggest_float(name, entry["low"], entry["high"], log=entry["log"])
+            params[name] = trial.suggest_float(name, sampled.low, sampled.high, log=sampled.log)
     return params, trial.suggest_categorical("seed", seeds)
 
 
@@ -902,9 +919,11 @@ def read_csv(path):
     return rows
 
 
-def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
+def import_csv(study, path, objective=DEFAULT_OBJECTIVE, space=(), max_time_ratio=None):
     """Each row of the CSV as a complete trial (its flags and seed as parameters, its columns as
-    user attributes), unless the study holds that run already. Returns how many were added."""
+    user attributes), unless the study holds that run already. A parameter's range is the
+    study's --space where given (importances depend on it), else what the rows span. Returns how
+    many were added."""
     rows = read_csv(path)
     objective = study.user_attrs.get("sweep", {}).get("objective", objective)
     if objective not in CSV_COLUMNS:
@@ -914,26 +933,32 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE):
     except ValueError as e:
         raise UsageError(f"{path}: a seed that is not an integer ({e})") from None
     if "sweep" not in study.user_attrs:
-        study.set_user_attr("sweep", {"objective": objective, "imported": Path(path).name})
+        study.set_user_attr("sweep", {"objective": objective, "imported": Path(path).name,
+                                      **({"max_time_ratio": max_time_ratio} if max_time_ratio
+                                         else {})})
     held = {run_key(trial.user_attrs) for trial in study.get_trials(deepcopy=False)}
     choices = {}
     for run in params:
         for name, value in run.items():
             choices.setdefault(name, []).append(value)
     distributions = {name: distribution(values) for name, values in choices.items()}
-    added = 0
+    distributions.update(space_distributions(space))
+    trials = []
     for row, run in zip(rows, params):
         attrs = {key: (row[key] if key in ("script", "flags") else choice(row[key])
                        if row.get(key) else None) for key in CSV_COLUMNS}
         if run_key(attrs) in held or (attrs.get(objective) is None and not attrs["pruned"]):
             continue
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.PRUNED if attrs["pruned"] else
-            optuna.trial.TrialState.COMPLETE,
-            value=None if attrs["pruned"] else attrs[objective], params=run,
-            distributions={name: distributions[name] for name in run}, user_attrs=attrs))
-        added += 1
-    return added
+        try:
+            trials.append(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.PRUNED if attrs["pruned"] else
+                optuna.trial.TrialState.COMPLETE,
+                value=None if attrs["pruned"] else attrs[objective], params=run,
+                distributions={name: distributions[name] for name in run}, user_attrs=attrs))
+        except ValueError:
+            raise UsageError(f"{path}: the run `{row['flags']}` lies outside --space") from None
+    study.add_trials(trials)  # all or none
+    return len(trials)
 
 
 def distribution(values):
@@ -993,12 +1018,15 @@ def print_report(study, args):
     if args.figure:
         trials = study.get_trials(deepcopy=False)
         objective = study.user_attrs["sweep"]["objective"]
+        budget = study.user_attrs["sweep"].get("max_time_ratio", math.inf)
         figure = plot_utils.study_history(
             [trial.value if trial.state == optuna.trial.TrialState.COMPLETE else math.nan
              for trial in trials],
             [trial.user_attrs.get("pruned") for trial in trials], fid.RUN_METRICS[objective].label,
             lower_is_better=direction(objective) == "minimize", importances=shares,
-            title=args.study)
+            title=args.study, over_budget=[trial.state == optuna.trial.TrialState.COMPLETE
+                                           and trial.user_attrs.get("time_ratio", 0) > budget
+                                           for trial in trials])
         try:
             figure.savefig(args.figure)
         except OSError as e:
@@ -1018,7 +1046,8 @@ def run(args):
     if args.import_csv:
         study = optuna.create_study(storage=storage, study_name=args.study, load_if_exists=True,
                                     direction=direction(args.objective))
-        added = import_csv(study, args.import_csv, args.objective)
+        added = import_csv(study, args.import_csv, args.objective, args.space,
+                           args.max_time_ratio)
         print(f"study {args.study}: {added} run(s) of {args.import_csv} added "
               f"({state_counts(study)})")
         return

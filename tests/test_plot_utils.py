@@ -354,17 +354,21 @@ def test_class_manifolds_draw_one_labelled_panel_per_class(tmp_path):
 
 
 def test_study_history_draws_each_trial_the_best_so_far_and_the_pruned(tmp_path):
-    values = [20.0, np.nan, 18.5, 19.0, np.nan, 14.2, 15.0]
-    pruned = [None, "time", None, None, "loss", None, None]
+    values = [20.0, np.nan, 18.5, 19.0, np.nan, 14.2, 15.0, 13.0]
+    pruned = [None, "time", None, None, "loss", None, None, None]
+    over_budget = [False] * 7 + [True]  # complete, but its epochs ran over the time budget
     fig = plot_utils.study_history(values, pruned, "pixel FID recon",
                                    importances={"learning-rate": 0.6, "hidden-dim": 0.3,
-                                                "beta": 0.1}, title="dense-budget")
+                                                "beta": 0.1}, title="dense-budget",
+                                   over_budget=over_budget)
     render(fig, tmp_path)
     assert_nothing_clipped(fig)
     history, shares = fig.axes
     assert (history.get_xlabel(), history.get_ylabel()) == ("trial", "pixel FID recon")
     lines = {line.get_label(): line for line in history.get_lines()}
-    assert list(lines["best so far"].get_ydata()) == [20.0, 20.0, 18.5, 18.5, 18.5, 14.2, 14.2]
+    assert list(lines["best so far"].get_ydata()) == [20.0, 20.0, 18.5, 18.5, 18.5, 14.2, 14.2,
+                                                      14.2]
+    assert list(lines["complete, over the time budget"].get_xdata()) == [7]
     assert list(lines["pruned: over the time budget"].get_xdata()) == [1]
     assert list(lines["pruned: test loss"].get_xdata()) == [4]
     assert [tick.get_text() for tick in shares.get_yticklabels()] == [

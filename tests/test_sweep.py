@@ -466,6 +466,37 @@ def test_tuning_csv_goes_through_a_study_unchanged_and_its_report_is_the_committ
     assert exported[4:] == rows[3:]
 
 
+def test_an_imported_study_keeps_its_search_space_and_time_budget(tmp_path):
+    """Importances depend on each parameter's range, and the best run on the budget: given the
+    study's --space and --max-time-ratio, a CSV's study reports what the study itself did."""
+    study_csv = tmp_path / "study.csv"
+    runs = [(64, 0.5, 14.0, 1.2), (256, 0.1, 12.0, 1.5), (256, 0.05, 11.0, 2.3)]  # the last: over
+    with open(study_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.CSV_COLUMNS)
+        writer.writeheader()
+        for batch, beta, value, ratio in runs:
+            writer.writerow({"script": "vae.py", "flags": f"--epochs 30 --batch-size {batch} "
+                             f"--beta {beta}", "seed": 0, "epochs": 30, "fid_pixel_recon": value,
+                             "time_ratio": ratio})
+    space = ["--space", "batch-size=64,128,256", "--space", "beta=0.03:1.0:log"]
+    storage = ["--sweeps-dir", tmp_path / "sweeps"]
+    code, out, err = run_sweep("--study", "s", *storage, "--import-csv", study_csv, *space,
+                               "--max-time-ratio", "2")
+    assert code == 0, err
+    url = f"sqlite:///{tmp_path / 'sweeps' / 'optuna.db'}"
+    study = optuna.load_study(study_name="s", storage=url)
+    distributions = study.trials[0].distributions
+    assert distributions["batch-size"] == optuna.distributions.CategoricalDistribution(
+        [64, 128, 256])
+    assert distributions["beta"] == optuna.distributions.FloatDistribution(0.03, 1.0, log=True)
+    code, out, _ = run_sweep("--study", "s", *storage, "--report")
+    assert code == 0 and "--batch-size 256 --beta 0.1` (fid_pixel_recon: median 12" in out
+    code, _, err = run_sweep("--study", "t", *storage, "--import-csv", study_csv,
+                             "--space", "beta=0.1:1.0")
+    assert code == 2 and "`--epochs 30 --batch-size 256 --beta 0.05` lies outside --space" in err
+    assert not optuna.load_study(study_name="t", storage=url).trials  # all or none
+
+
 def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, monkeypatch):
     monkeypatch.chdir(ROOT)  # the script by its relative name, as the README's command gives it
     code, out, err = run_sweep(
