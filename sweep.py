@@ -613,9 +613,10 @@ class Objective:
         print(f"[sweep] trial {trial.number}: {shlex.join(command)}"
               + (" (resuming its checkpoint)" if resumed else ""), flush=True)
         start = time.perf_counter()
+        earlier = len(read_history(results_dir)) if resumed else 0  # epochs of an earlier sitting
         if not (retry and (results_dir / "metrics.json").is_file()):  # its run finished, its
             # worker did not
-            self.train(trial, command + ["--resume"] * resumed, results_dir, start)
+            self.train(trial, command + ["--resume"] * resumed, results_dir, start, earlier)
         metrics = json.loads((results_dir / "metrics.json").read_text())
         if not isinstance(metrics.get(sweep["objective"]), (int, float)):
             raise UsageError(f"{results_dir}/metrics.json has no {sweep['objective']}: give the "
@@ -625,21 +626,25 @@ class Objective:
                 trial.set_user_attr(key, value)
         trial.set_user_attr("train_seconds", round(sum(metrics.get("seconds_per_epoch", []))))
         if metrics.get("seconds_per_epoch"):
-            self.record_time(trial, metrics["seconds_per_epoch"])
+            self.record_time(trial, metrics["seconds_per_epoch"], earlier)
         self.constrain(trial)
         trial.set_user_attr("latent_dim", metrics["config"]["latent_dim"])
         trial.set_user_attr("cpu", metrics.get("machine", {}).get("isa"))  # float32 differs by kind
         trial.set_user_attr("seconds", round(time.perf_counter() - start))
         return metrics[sweep["objective"]]
 
-    def record_time(self, trial, seconds):
+    def record_time(self, trial, seconds, earlier=0):
         """The run's seconds per epoch and, with a time budget, their ratio to the baseline's
-        (returned)."""
+        (returned). The ratio compares this sitting's epochs (after the earlier ones of a resumed
+        run, which ran beside another baseline, maybe on another machine) with this sitting's
+        baseline; too few of them to time, and the earlier sitting's ratio stands."""
         per_epoch = seconds_per_epoch(seconds)
         trial.set_user_attr("epoch_seconds", round(per_epoch, 4))
         if "max_time_ratio" not in self.sweep:
             return None
-        ratio = per_epoch / (self.baseline_seconds or self.baseline())
+        if len(seconds) - earlier <= TIMED_EPOCHS and "time_ratio" in trial.user_attrs:
+            return trial.user_attrs["time_ratio"]
+        ratio = seconds_per_epoch(seconds[earlier:]) / (self.baseline_seconds or self.baseline())
         trial.set_user_attr("time_ratio", round(ratio, 4))
         return ratio
 
@@ -657,9 +662,10 @@ class Objective:
             trial.set_constraint("time", trial.user_attrs["time_ratio"]
                                  - self.sweep["max_time_ratio"])
 
-    def train(self, trial, command, results_dir, start):
+    def train(self, trial, command, results_dir, start, earlier=0):
         """The script, its test losses reported as they come; pruned over the time budget (once
-        TIMED_EPOCHS epochs after the first are timed) or by the pruner."""
+        TIMED_EPOCHS epochs after the first of this sitting, past the earlier ones, are timed) or
+        by the pruner."""
         budget = self.sweep.get("max_time_ratio")
         if budget:
             self.baseline()
@@ -669,8 +675,8 @@ class Objective:
             trial.report(epoch.loss, epoch.number)
             print(f"[sweep] trial {trial.number} epoch {epoch.number}: test loss "
                   f"{epoch.loss:.4g}", flush=True)
-            if budget and len(history) == 1 + TIMED_EPOCHS:
-                ratio = self.record_time(trial, [e.seconds for e in history])
+            if budget and len(history) == earlier + 1 + TIMED_EPOCHS:
+                ratio = self.record_time(trial, [e.seconds for e in history], earlier)
                 if ratio > budget:
                     return ("time", epoch.number, f"epoch {epoch.number}: {ratio:.2f}x the "
                             f"baseline's time per epoch, over the budget of {budget:g}x")

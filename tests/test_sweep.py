@@ -361,6 +361,30 @@ def test_a_trial_over_the_time_budget_is_pruned_and_the_report_and_csv_say_so(tm
     assert sweep.report_table(copy) == sweep.report_table(study)
 
 
+def test_a_resumed_trial_is_timed_by_its_own_sitting_not_the_earlier_one(tmp_path, fake_train):
+    """A run resumed in a later sitting (the machine slower or faster then, or another machine)
+    is timed by its new epochs against the baseline timed now: its earlier slow epochs do not
+    prune it."""
+    options = ["--max-time-ratio=2", "--pruner=none"]  # 40 epochs: still running when polled
+    code, _, err = run_sweep(*sweep_args(tmp_path, "resumed", "sleep=0.03", options=options,
+                                         script_args=["--epochs", "40"]))
+    assert code == 0, err
+    earlier = tmp_path / "sweeps" / "resumed" / "trial-1"  # 3 epochs of 1 s: 10x the baseline
+    earlier.mkdir()
+    (earlier / "checkpoint.json").write_text(json.dumps([[1.0] * 3, [1.0] * 3]))
+    (earlier / "history.csv").write_text("epoch,loss,val_loss,val_reconstruction_loss,"
+                                         "val_kl_loss,seconds\n" + "".join(
+                                             f"{epoch},1,1,1,0,1.0\n" for epoch in (1, 2, 3)))
+    load("resumed", tmp_path).enqueue_trial(
+        {"sleep": 0.03, "seed": 0}, user_attrs={"queued_as": "grid point",
+                                                "results_dir": str(earlier), "time_ratio": 10.0})
+    code, out, err = run_sweep(*sweep_args(tmp_path, "resumed", "sleep=0.03", options=options,
+                                           script_args=["--epochs", "40"]))
+    assert code == 0 and "resuming its checkpoint" in out, out + err
+    resumed = load("resumed", tmp_path).trials[1]
+    assert resumed.state.name == "COMPLETE" and resumed.user_attrs["time_ratio"] < 0.6
+
+
 def test_the_best_command_is_the_best_configuration_within_the_time_budget(tmp_path, fake_train):
     """Two epochs: too few to prune at, so the slow configurations complete over budget; the
     equally good fast one is the best command."""
