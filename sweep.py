@@ -841,16 +841,20 @@ def report_table(study):
     return "\n".join(rows)
 
 
+def over_time_budget(study, ratio):
+    """Whether a time ratio (None: untimed) is over the study's budget, if it has one."""
+    return (ratio or 0) > study.user_attrs["sweep"].get("max_time_ratio", math.inf)
+
+
 def best_commands(study, local_args=()):
     """Per script, the configuration with the best median objective within the study's time
     budget (where it has one), as a command to paste: this interpreter, the script, its flags and
     local_args (this machine's --data)."""
     objective = study.user_attrs["sweep"]["objective"]
-    budget = study.user_attrs["sweep"].get("max_time_ratio", math.inf)
     sign = 1 if direction(objective) == "minimize" else -1
     best = {}
     for (script, flags), trials in configurations(study).items():
-        if (median(trials, "time_ratio") or 0) > budget:
+        if over_time_budget(study, median(trials, "time_ratio")):
             continue
         value = statistics.median(trial.value for trial in trials)
         if script not in best or sign * value < sign * best[script][0]:
@@ -948,7 +952,11 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE, space=(), max_time_rati
         for name, value in run.items():
             choices.setdefault(name, []).append(value)
     distributions = {name: distribution(values) for name, values in choices.items()}
-    distributions.update(space_distributions(space))
+    given = space_distributions(space)
+    unset = [name for name in given if name not in choices]
+    if unset:
+        raise UsageError(f"--space {unset[0]}: no run of {path} sets it")
+    distributions.update(given)
     trials = []
     for row, run in zip(rows, params):
         attrs = {key: (row[key] if key in ("script", "flags") else choice(row[key])
@@ -1024,15 +1032,14 @@ def print_report(study, args):
     if args.figure:
         trials = study.get_trials(deepcopy=False)
         objective = study.user_attrs["sweep"]["objective"]
-        budget = study.user_attrs["sweep"].get("max_time_ratio", math.inf)
         figure = plot_utils.study_history(
             [trial.value if trial.state == optuna.trial.TrialState.COMPLETE else math.nan
              for trial in trials],
             [trial.user_attrs.get("pruned") for trial in trials], fid.RUN_METRICS[objective].label,
             lower_is_better=direction(objective) == "minimize", importances=shares,
             title=args.study, over_budget=[trial.state == optuna.trial.TrialState.COMPLETE
-                                           and trial.user_attrs.get("time_ratio", 0) > budget
-                                           for trial in trials])
+                                           and over_time_budget(study, trial.user_attrs.get(
+                                               "time_ratio")) for trial in trials])
         try:
             figure.savefig(args.figure)
         except OSError as e:

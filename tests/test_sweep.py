@@ -519,6 +519,9 @@ def test_an_imported_study_keeps_its_search_space_and_time_budget(tmp_path):
                              "--space", "beta=0.1:1.0")
     assert code == 2 and "`--epochs 30 --batch-size 256 --beta 0.05` lies outside --space" in err
     assert not optuna.load_study(study_name="t", storage=url).trials  # all or none
+    code, _, err = run_sweep("--study", "u", *storage, "--import-csv", study_csv,
+                             "--space", "betaa=0.1:1.0")  # a typo would leave beta's range guessed
+    assert code == 2 and f"--space betaa: no run of {study_csv} sets it" in err
 
 
 def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, monkeypatch):
