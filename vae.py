@@ -1695,14 +1695,23 @@ CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # me
 
 
 def cpu_kind():
-    """(model name, kind from CPU_KINDS) of this CPU, as Linux reports it ("other" elsewhere)."""
+    """(model name, kind from CPU_KINDS) of this CPU, as Linux reports it ("other" elsewhere),
+    lowered to the cap ONEDNN_MAX_CPU_ISA sets, since the kernels oneDNN then runs are the
+    capped kind's (AVX512_CORE_BF16 runs an AMX CPU's bfloat16 as a CPU without AMX does)."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
                   if line.startswith("model name")), platform.processor() or platform.machine())
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
                       if line.startswith("flags")), []))
-    return model, next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+    kinds = [kind for kind, _ in CPU_KINDS] + ["other"]
+    found = next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if cap not in ("ALL", "DEFAULT"):
+        capped = ("amx" if "AMX" in cap else "avx512" if cap.startswith(("AVX512", "AVX10"))
+                  else "avx2" if cap.startswith("AVX2") else "other")
+        found = max(found, capped, key=kinds.index)
+    return model, found
 
 
 def machine_record():

@@ -572,6 +572,18 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     assert again["test_elbo"] == pytest.approx(metrics["test_elbo"], rel=1e-5)
 
 
+def test_the_cpu_kind_is_lowered_to_onednns_isa_cap(monkeypatch):
+    """A run under ONEDNN_MAX_CPU_ISA runs the capped kind's kernels, so it records that kind."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    model, found = vae.cpu_kind()
+    for cap, expected in [("DEFAULT", found), ("SSE41", "other"),
+                          ("AVX2", "other" if found == "other" else "avx2"),
+                          ("avx512_core_bf16", "avx512" if found in ("amx", "avx512") else found),
+                          ("AVX512_CORE_AMX", found)]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert vae.cpu_kind() == (model, expected), cap
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: bad input fails in seconds with one line and exit code 2
 # ----------------------------------------------------------------------------------------------
