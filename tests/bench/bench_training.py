@@ -378,7 +378,9 @@ def main():
     policies, models = args.policies.split(","), args.models.split(",")
     image_shape = vae.to_float_images(vae.load_dataset(args.data)[2][:1]).shape[1:]
     machine = vae.machine_record()
-    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, kind {machine['isa']} (vae.CPU_KINDS); "
+    cap = f", capped by ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}" if os.environ.get(
+        "ONEDNN_MAX_CPU_ISA") else ""
+    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, kind {machine['isa']}{cap} (vae.CPU_KINDS); "
           f"conv_vae.py's matrix-product forms run in: {', '.join(conv_vae.MATMUL_DTYPES) or 'none'}")
     peaks = {dtype: matmul_peak_gflops(getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
     print(f"matmul 2048x2048 here: {peaks['float32']:.0f} GFLOP/s in float32, "
