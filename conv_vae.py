@@ -83,9 +83,11 @@ CONV = vae.Architecture(
 # Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
 # instead of Keras' op. tests/bench/bench_training.py times each layer both ways (results/README.md,
 # Speed): TF's float32 convolutions are the faster on every CPU measured; its bfloat16 ones are
-# 6.3x slower in a training step on AVX2, but faster than the forms where oneDNN has AMX's matrix
-# tiles to run them on (a whole step 1.1x to 1.8x faster on three AMX CPUs).
-MATMUL_DTYPES = () if vae.cpu_kind()[1] == "amx" else ("bfloat16",)
+# 6.3x slower in a training step on AVX2, but faster than the forms where oneDNN has bfloat16
+# kernels: AMX's matrix tiles (a whole step 1.1x to 1.8x faster on three AMX CPUs) and AVX512_BF16's
+# dot products (the convolutions 1.6x faster on an AMX CPU capped to them by ONEDNN_MAX_CPU_ISA).
+MATMUL_DTYPES = (() if vae.cpu_isa()[1] in ("AVX512_CORE_AMX", "AVX512_CORE_BF16")
+                 else ("bfloat16",))
 
 
 # Sub-pixel form of a 3x3 stride-2 "same" transposed convolution: output row 2m + p takes kernel row

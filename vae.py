@@ -1691,38 +1691,45 @@ class ProgressAfterWarmup:
         self.bar.update(done)
 
 
-CPU_KINDS = (("amx", "amx_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))  # metrics.json's isa
+# oneDNN's instruction-set levels, top down: its name (as ONEDNN_MAX_CPU_ISA takes it), the
+# /proc/cpuinfo flag that provides it, and the kind metrics.json records (its isa): float32 repeats
+# to the last digit within a kind (the two AVX-512 levels differ in bfloat16 kernels only).
+ISA_LEVELS = (("AVX512_CORE_AMX", "amx_bf16", "amx"), ("AVX512_CORE_BF16", "avx512_bf16", "avx512"),
+              ("AVX512_CORE", "avx512f", "avx512"), ("AVX2", "avx2", "avx2"))
 
 
-def cpu_kind():
-    """(model name, kind from CPU_KINDS) of this CPU, as Linux reports it ("other" elsewhere),
-    lowered to the cap ONEDNN_MAX_CPU_ISA sets, since the kernels oneDNN then runs are the
-    capped kind's (AVX512_CORE_BF16 runs an AMX CPU's bfloat16 as a CPU without AMX does)."""
+def cpu_isa():
+    """(model name, highest level of ISA_LEVELS) of this CPU, as Linux reports it (None below
+    AVX2 or elsewhere), lowered to the cap ONEDNN_MAX_CPU_ISA sets: oneDNN then runs the capped
+    level's kernels (AVX512_CORE_BF16 runs an AMX CPU's bfloat16 as a CPU without AMX does)."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
                   if line.startswith("model name")), platform.processor() or platform.machine())
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
                       if line.startswith("flags")), []))
-    kinds = [kind for kind, _ in CPU_KINDS] + ["other"]
-    found = next((kind for kind, flag in CPU_KINDS if flag in flags), "other")
+    levels = [level for level, _, _ in ISA_LEVELS] + [None]
+    found = next((level for level, flag, _ in ISA_LEVELS if flag in flags), None)
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     if cap not in ("ALL", "DEFAULT"):
-        capped = ("amx" if "AMX" in cap else "avx512" if cap.startswith(("AVX512", "AVX10"))
-                  else "avx2" if cap.startswith("AVX2") else "other")
-        found = max(found, capped, key=kinds.index)
+        capped = ("AVX512_CORE_AMX" if "AMX" in cap
+                  else "AVX512_CORE_BF16" if "BF16" in cap or "FP16" in cap or cap.startswith("AVX10")
+                  else "AVX512_CORE" if cap.startswith("AVX512") else "AVX2" if cap.startswith("AVX2")
+                  else None)
+        found = max(found, capped, key=levels.index)
     return model, found
 
 
 def machine_record():
     """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU and
     differ in late digits across kinds (oneDNN picks other kernels for AVX2, AVX-512 and AMX), so
-    every metrics.json says which made it."""
+    every metrics.json says which made it (isa), and at which oneDNN level (bfloat16's kernels)."""
     from tensorflow.python.util import _pywrap_util_port
 
-    model, isa = cpu_kind()
+    model, level = cpu_isa()
+    isa = next((kind for name, _, kind in ISA_LEVELS if name == level), "other")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "isa": isa, "cores": cores,
+    return {"cpu": model, "isa": isa, "onednn_isa": level, "cores": cores,
             "onednn": bool(_pywrap_util_port.IsMklEnabled()),
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or cores,
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or cores}

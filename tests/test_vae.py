@@ -572,16 +572,19 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     assert again["test_elbo"] == pytest.approx(metrics["test_elbo"], rel=1e-5)
 
 
-def test_the_cpu_kind_is_lowered_to_onednns_isa_cap(monkeypatch):
-    """A run under ONEDNN_MAX_CPU_ISA runs the capped kind's kernels, so it records that kind."""
+def test_the_cpu_level_is_lowered_to_onednns_isa_cap(monkeypatch):
+    """A run under ONEDNN_MAX_CPU_ISA runs the capped level's kernels, so it records that level."""
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    model, found = vae.cpu_kind()
-    for cap, expected in [("DEFAULT", found), ("SSE41", "other"),
-                          ("AVX2", "other" if found == "other" else "avx2"),
-                          ("avx512_core_bf16", "avx512" if found in ("amx", "avx512") else found),
-                          ("AVX512_CORE_AMX", found)]:
+    model, found = vae.cpu_isa()
+    levels = [level for level, _, _ in vae.ISA_LEVELS] + [None]
+    for cap, ceiling in [("DEFAULT", "AVX512_CORE_AMX"), ("SSE41", None), ("AVX2_VNNI", "AVX2"),
+                         ("avx512_core", "AVX512_CORE"), ("AVX512_CORE_BF16", "AVX512_CORE_BF16"),
+                         ("AVX10_1_512", "AVX512_CORE_BF16"), ("AVX512_CORE_AMX", "AVX512_CORE_AMX")]:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        assert vae.cpu_kind() == (model, expected), cap
+        expected = found if levels.index(found) >= levels.index(ceiling) else ceiling
+        assert vae.cpu_isa() == (model, expected), cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert vae.machine_record()["isa"] == ("other" if found is None else "avx2")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -380,8 +380,9 @@ def main():
     machine = vae.machine_record()
     cap = f", capped by ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}" if os.environ.get(
         "ONEDNN_MAX_CPU_ISA") else ""
-    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, kind {machine['isa']}{cap} (vae.CPU_KINDS); "
-          f"conv_vae.py's matrix-product forms run in: {', '.join(conv_vae.MATMUL_DTYPES) or 'none'}")
+    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, kind {machine['isa']} (oneDNN level "
+          f"{machine['onednn_isa']}{cap}); conv_vae.py's matrix-product forms run in: "
+          f"{', '.join(conv_vae.MATMUL_DTYPES) or 'none'}")
     peaks = {dtype: matmul_peak_gflops(getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
     print(f"matmul 2048x2048 here: {peaks['float32']:.0f} GFLOP/s in float32, "
           f"{peaks['bfloat16']:.0f} in bfloat16 (the peak the fractions below refer to)")
