@@ -1710,14 +1710,12 @@ def cpu_isa():
                       if line.startswith("flags")), []))
     levels = [level for level, _, _ in ISA_LEVELS] + [None]
     found = next((level for level, flag, _ in ISA_LEVELS if flag in flags), None)
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if cap not in ("ALL", "DEFAULT"):
-        capped = ("AVX512_CORE_AMX" if "AMX" in cap
-                  else "AVX512_CORE_BF16" if "BF16" in cap or "FP16" in cap or cap.startswith("AVX10")
-                  else "AVX512_CORE" if cap.startswith("AVX512") else "AVX2" if cap.startswith("AVX2")
-                  else None)
-        found = max(found, capped, key=levels.index)
-    return model, found
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    capped = ("AVX512_CORE_AMX" if "AMX" in cap
+              else "AVX512_CORE_BF16" if "BF16" in cap or "FP16" in cap or cap.startswith("AVX10")
+              else "AVX512_CORE" if cap.startswith("AVX512") else "AVX2" if cap.startswith("AVX2")
+              else None if cap in ("SSE41", "AVX") else found)  # oneDNN ignores other values
+    return model, max(found, capped, key=levels.index)
 
 
 def machine_record():

@@ -577,7 +577,8 @@ def test_the_cpu_level_is_lowered_to_onednns_isa_cap(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     model, found = vae.cpu_isa()
     levels = [level for level, _, _ in vae.ISA_LEVELS] + [None]
-    for cap, ceiling in [("DEFAULT", "AVX512_CORE_AMX"), ("SSE41", None), ("AVX2_VNNI", "AVX2"),
+    for cap, ceiling in [("DEFAULT", "AVX512_CORE_AMX"), ("NO_SUCH_ISA", "AVX512_CORE_AMX"),
+                         ("SSE41", None), ("AVX2_VNNI", "AVX2"),
                          ("avx512_core", "AVX512_CORE"), ("AVX512_CORE_BF16", "AVX512_CORE_BF16"),
                          ("AVX10_1_512", "AVX512_CORE_BF16"), ("AVX512_CORE_AMX", "AVX512_CORE_AMX")]:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
