@@ -201,6 +201,17 @@ def conv_transpose_as_matmul(x, kernel, stride):
     return sum_taps(products(x, ops.reshape(ops.transpose(kernel, (3, 0, 1, 2)), (channels, -1))))
 
 
+def one_filter_as_depthwise(x, kernel):
+    """A 3x3 stride-1 "same" transposed convolution to one filter (the decoder's last layer) as each
+    channel convolved with its own flipped taps (a depthwise convolution), then summed over the
+    channels. oneDNN's float32 transposed convolution to a single channel runs at about 6% of the
+    matmul peak: 30% of the likelihood estimate's time for 4% of its arithmetic; this form is 2.9x
+    faster (results/README.md, Speed)."""
+    taps = ops.flip(ops.flip(kernel, axis=0), axis=1)  # (3, 3, 1, channels)
+    per_channel = tf.nn.depthwise_conv2d(x, ops.transpose(taps, (0, 1, 3, 2)), (1, 1, 1, 1), "SAME")
+    return ops.sum(per_channel, axis=-1, keepdims=True)
+
+
 def three_by_three_same(layer):
     return (layer.kernel_size == (3, 3) and layer.padding == "same"
             and layer.data_format == "channels_last" and layer.dilation_rate == (1, 1))
@@ -231,18 +242,24 @@ class MatmulConv2D(layers.Conv2D):
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class MatmulConv2DTranspose(layers.Conv2DTranspose):
     """Conv2DTranspose (same variables, same function) whose 3x3 transposed convolutions of stride
-    2 or 1 can run as one matrix product (conv_transpose_as_matmul)."""
+    2 or 1 can run as one matrix product (conv_transpose_as_matmul), and whose float32 stride-1
+    convolution to one filter runs as a depthwise one outside training (one_filter_as_depthwise:
+    training keeps Keras' op, so float32 runs train to the same digits as before it)."""
 
     def matmul_form(self, input_shape):
         if three_by_three_same(self) and self.output_padding is None:
             return {(2, 2): "subpixel", (1, 1): "col2im"}.get(self.strides)
         return None
 
-    def call(self, inputs):
-        if not uses_matmul(self, inputs.shape):
+    def call(self, inputs, training=None):
+        kernel = ops.convert_to_tensor(self.kernel)
+        if (not training and self.compute_dtype == "float32" and self.filters == 1
+                and self.matmul_form(inputs.shape) == "col2im"):
+            outputs = one_filter_as_depthwise(inputs, kernel)
+        elif uses_matmul(self, inputs.shape):
+            outputs = conv_transpose_as_matmul(inputs, kernel, self.strides[0])
+        else:
             return super().call(inputs)
-        outputs = conv_transpose_as_matmul(inputs, ops.convert_to_tensor(self.kernel),
-                                           self.strides[0])
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)

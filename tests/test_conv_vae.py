@@ -114,11 +114,11 @@ def relative_difference(expected, actual):
 
 
 def forward_and_gradients(layer, x):
-    """The layer's output, and the gradients of a weighted sum of it for its input and weights
-    (weights in [1, 3]: sums that do not cancel, so bfloat16's rounding stays relative)."""
+    """The layer's output in training, and the gradients of a weighted sum of it for its input and
+    weights (weights in [1, 3]: sums that do not cancel, so bfloat16's rounding stays relative)."""
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x)
+        y = layer(x, training=True)
         weights = 2 + tf.cos(tf.reshape(tf.range(tf.size(y), dtype=tf.float32), tf.shape(y)))
         loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
     return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
@@ -181,7 +181,7 @@ def test_convolutions_run_as_matrix_products_only_in_the_chosen_dtypes(name, mat
                                                                        monkeypatch):
     monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", matmul_dtypes)
     reference, fast, x = layer_pair(name)
-    np.testing.assert_array_equal(reference(x), fast(x))
+    np.testing.assert_array_equal(reference(x, training=True), fast(x, training=True))
     assert not spied_matmul_forms
     reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
     expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
@@ -189,6 +189,24 @@ def test_convolutions_run_as_matrix_products_only_in_the_chosen_dtypes(name, mat
     assert keras.backend.standardize_dtype(actual[0].dtype) == "bfloat16"
     for a, b in zip(expected, actual):
         assert relative_difference(a, b) < 0.05  # bfloat16: 2^-8 = 0.4% per rounding; sums of them
+
+
+@pytest.mark.parametrize("name", ["last, 1 filter", "transposed, stride 1"])
+def test_one_filter_runs_depthwise_in_float32_outside_training_only(name, monkeypatch):
+    calls = []
+    monkeypatch.setattr(conv_vae, "one_filter_as_depthwise",
+                        lambda *args, form=conv_vae.one_filter_as_depthwise:
+                        calls.append(1) or form(*args))
+    reference, fast, x = layer_pair(name)
+    calls.clear()  # building the layer called it once
+    np.testing.assert_array_equal(reference(x, training=True), fast(x, training=True))
+    assert not calls  # training: Keras' op, the same digits
+    assert relative_difference(reference(x), fast(x)) < 1e-5
+    assert calls == [1] * (reference.filters == 1)
+    reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
+    calls.clear()
+    fast(x)
+    assert not calls  # float32 only
 
 
 def conv_args(plain):
