@@ -122,8 +122,9 @@ def milliseconds_per_call(function, x, repeats):
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def layer_milliseconds(layer, x, xla, overhead, repeats):
-    """(forward, forward+backward) of the layer on x, less the cost of a call."""
+def layer_milliseconds(layer, x, xla, overhead, repeats, input_gradient=True):
+    """(forward, forward+backward) of the layer on x, less the cost of a call; the backward pass
+    computes the gradient for x only where a step does (not for the images)."""
     forward = tf.function(lambda x: layer(x, training=True), jit_compile=xla)
 
     @tf.function(jit_compile=xla)
@@ -131,7 +132,7 @@ def layer_milliseconds(layer, x, xla, overhead, repeats):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float32))
-        return tape.gradient(y, [x, *layer.trainable_weights])
+        return tape.gradient(y, [x] * input_gradient + layer.trainable_weights)
 
     return [max(milliseconds_per_call(function, x, repeats) - overhead, 0.0)
             for function in (forward, forward_backward)]
@@ -165,17 +166,22 @@ def profile_layers(name, encoder, decoder, batch_size, xla, peak, repeats=20):
           f"{'GFLOP/s':>8s} {'of peak':>7s}  other form, fwd+bwd")
     rows, convolutions_ms, other_form_ms = [], 0.0, 0.0
     for model in (encoder, decoder):
+        from_images = model is encoder  # no weights yet between the images and this layer
         for layer in model.layers[1:]:
             x = tf.cast(tf.random.uniform((batch_size, *layer.input.shape[1:])), layer.input.dtype)
-            times = layer_milliseconds(layer, x, xla, overhead, repeats)
+            input_gradient = not from_images
+            from_images = from_images and not layer.trainable_weights
+            times = layer_milliseconds(layer, x, xla, overhead, repeats, input_gradient)
             other = ""
             if getattr(layer, "matmul_form", lambda shape: None)(x.shape):
                 with other_form(layer, x.shape) as form:
-                    other_ms = layer_milliseconds(layer, x, xla, overhead, repeats)[1]
+                    other_ms = layer_milliseconds(layer, x, xla, overhead, repeats,
+                                                  input_gradient)[1]
                 other = f"{other_ms:8.2f} ({form})"
                 convolutions_ms += times[1]
                 other_form_ms += other_ms
-            gflops = 3 * layer_flops(layer) * batch_size / max(times[1], 0.01) / 1e6
+            passes = 2 + input_gradient  # forward; weights' and (not the images') input gradient
+            gflops = passes * layer_flops(layer) * batch_size / max(times[1], 0.01) / 1e6
             rows.append((f"{model.name}/{layer.name}",
                          str(tuple(layer.output.shape[1:])), *times, gflops, other))
     total = sum(row[3] for row in rows)
