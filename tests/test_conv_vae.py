@@ -144,11 +144,11 @@ CONVOLUTIONS = {  # Keras' layer, its options, a tiny input shape: each kind the
 }
 
 
-def layer_pair(name, dtype="float32"):
+def layer_pair(name, dtype="float32", activation="elu"):
     """Keras' layer and its matrix-product subclass with the same weights (a nonzero bias)."""
     keras_class, options, shape = CONVOLUTIONS[name]
     keras.utils.set_random_seed(0)
-    options = dict(kernel_size=3, padding="same", activation="elu", dtype=dtype, **options)
+    options = dict(kernel_size=3, padding="same", activation=activation, dtype=dtype, **options)
     reference = keras_class(bias_initializer="random_normal", **options)
     fast = getattr(conv_vae, f"Matmul{keras_class.__name__}")(**options)
     x = tf.constant(np.random.default_rng(0).standard_normal(shape), tf.float32)
@@ -207,6 +207,26 @@ def test_one_filter_runs_depthwise_in_float32_outside_training_only(name, monkey
     calls.clear()
     fast(x)
     assert not calls  # float32 only
+
+
+@pytest.mark.parametrize("name", [name for name in CONVOLUTIONS if "transposed" in name
+                                  or "filter" in name])
+@pytest.mark.parametrize("matmul_dtypes", [("bfloat16",), ()], ids=["without AMX", "with AMX"])
+def test_bfloat16_bias_and_activation_run_in_one_pass_outside_training_with_the_same_bits(
+        name, matmul_dtypes, monkeypatch):
+    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", matmul_dtypes)
+    calls = []
+    monkeypatch.setattr(conv_vae, "bias_and_activation",
+                        lambda *args, fused=conv_vae.bias_and_activation:
+                        calls.append(1) or fused(*args))
+    reference, fast, x = layer_pair(name, dtype="mixed_bfloat16", activation="relu")
+    calls.clear()  # building the layer called it once
+    fast(x, training=True)
+    assert not calls  # training: Keras' ops (or the matrix-product form's), the same digits
+    expected = reference(x) if not matmul_dtypes else fast(x, training=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(fast(x), "float32")),
+                                  keras.ops.convert_to_numpy(keras.ops.cast(expected, "float32")))
+    assert calls == [1]
 
 
 def conv_args(plain):

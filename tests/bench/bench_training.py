@@ -15,9 +15,10 @@ matmul ceiling, the peak resident memory, and the floor: the train step alone, l
 in-memory batches inside one compiled program, against the same with the plain path's layers;
 then what the progress frame (progress.gif) adds to each epoch, the likelihood estimate (the
 model's K) with its own layers and with Keras' in each policy (its share of the matmul peak beside
-the train step's), and a per-layer profile of one training step in each policy (for the
+the train step's; for the convolutional model, its last layer as the estimate and as training run
+it), and a per-layer profile of one training step in each policy (for the
 convolutions, beside the form each policy does not use) and, without XLA (the convolutional
-model), the step's time by TensorFlow op type; then it times
+model), the step's time by TensorFlow op type and the likelihood estimate's by layer; then it times
 `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to end.
 Run it with nothing else on the machine: the runs share its cores.
 """
@@ -25,6 +26,7 @@ Run it with nothing else on the machine: the runs share its cores.
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import math
 import subprocess
@@ -109,9 +111,25 @@ def matmul_peak_gflops(dtype, size=2048, repeats=5, rounds=4):
     return 2 * size**3 * repeats / best / 1e9
 
 
+def peak_dtype(path):
+    """The dtype of the matmul ceiling a path's layers compute against: bfloat16 under
+    mixed_bfloat16."""
+    return "bfloat16" if path == "mixed_bfloat16" else "float32"
+
+
 def peak_of(path, peaks):
-    """The matmul ceiling a path's layers compute against: bfloat16 under mixed_bfloat16."""
-    return peaks["bfloat16" if path == "mixed_bfloat16" else "float32"]
+    return peaks[peak_dtype(path)]
+
+
+def measure_peaks(policies):
+    """The matmul ceiling of each dtype the policies and the plain path compute in (only those: a
+    bfloat16 product fails where ONEDNN_MAX_CPU_ISA caps an AMX CPU at AVX2)."""
+    return {dtype: matmul_peak_gflops(getattr(tf, dtype))
+            for dtype in sorted({peak_dtype(path) for path in (*policies, "plain")}, reverse=True)}
+
+
+def peaks_line(peaks):
+    return ", ".join(f"{gflops:.0f} GFLOP/s in {dtype}" for dtype, gflops in peaks.items())
 
 
 def milliseconds_per_call(function, x, repeats):
@@ -224,24 +242,21 @@ def training_steps_alone(encoder, decoder, batch_size, xla, data, steps):
     return (time.perf_counter() - start) / steps * math.ceil(TRAIN_IMAGES / batch_size)
 
 
-def profile_op_types(name, encoder, decoder, batch_size, data, steps=20, shown=14):
-    """Where the train step's time goes by TensorFlow op type (convolutions and products, the
-    forms' slices, pads and concatenations, casts, the dropout's random bits and masks, Adam's
-    updates), from TensorFlow's profiler over `steps` steps of training_loop without XLA: each
-    op's time on the executor threads, summed (two threads run ops at once, so the sum exceeds the
-    wall time)."""
+def op_milliseconds(run, runs_per_call, key):
+    """Where run()'s time goes, from TensorFlow's profiler: each op's time on the executor threads
+    (two threads run ops at once, so the sum exceeds the wall time), summed by key(op name, op
+    type), in ms per run; and the wall ms per run. run() does runs_per_call runs."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    loop, batches = training_loop(encoder, decoder, batch_size, False, data, steps)
     with tempfile.TemporaryDirectory() as log_dir:
         tf.profiler.experimental.start(log_dir)
         start = time.perf_counter()
-        loop(batches).numpy()
-        wall = (time.perf_counter() - start) / steps * 1000
+        run()
+        wall = (time.perf_counter() - start) / runs_per_call * 1000
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
         space.ParseFromString(next(Path(log_dir).rglob("*.xplane.pb")).read_bytes())
-    op_types = collections.Counter()
+    totals = collections.Counter()
     for plane in space.planes:
         for line in plane.lines:
             if line.name.startswith("tf_Compute"):  # the executor threads; events "name:OpType"
@@ -249,14 +264,44 @@ def profile_op_types(name, encoder, decoder, batch_size, data, steps=20, shown=1
                     event_name = plane.event_metadata[event.metadata_id].name
                     op, _, op_type = event_name.rpartition(":")
                     if op and "::" not in event_name:  # not the executor's own events (Class::Method)
-                        op_types[op_type] += event.duration_ps / 1e9 / steps
-    total = sum(op_types.values())
-    print(f"\n{name}: the train step by op type, {steps} steps of batch {batch_size} "
-          f"(ms per step; {total:.1f} ms of ops on the executor threads, {wall:.1f} ms wall)")
-    for op_type, milliseconds in op_types.most_common(shown):
-        print(f"  {op_type:40s} {milliseconds:7.2f} {milliseconds / total:6.1%}")
-    print(f"  {'the other ' + str(max(len(op_types) - shown, 0)) + ' op types':40s} "
-          f"{total - sum(ms for _, ms in op_types.most_common(shown)):7.2f}")
+                        totals[key(op, op_type)] += event.duration_ps / 1e9 / runs_per_call
+    return totals, wall
+
+
+def print_op_milliseconds(title, totals, wall, unit, shown):
+    total = sum(totals.values())
+    print(f"\n{title} ({unit}; {total:.1f} ms of ops on the executor threads, {wall:.1f} ms wall)")
+    for label, milliseconds in totals.most_common(shown):
+        print(f"  {label:60s} {milliseconds:9.2f} {milliseconds / total:6.1%}")
+    print(f"  {'the other ' + str(max(len(totals) - shown, 0)):60s} "
+          f"{total - sum(ms for _, ms in totals.most_common(shown)):9.2f}")
+
+
+def profile_op_types(name, encoder, decoder, batch_size, data, steps=20, shown=14):
+    """Where the train step's time goes by TensorFlow op type (convolutions and products, the
+    forms' slices, pads and concatenations, casts, the dropout's random bits and masks, Adam's
+    updates), over `steps` steps of training_loop without XLA."""
+    loop, batches = training_loop(encoder, decoder, batch_size, False, data, steps)
+    totals, wall = op_milliseconds(lambda: loop(batches).numpy(), steps,
+                                   lambda op, op_type: op_type)
+    print_op_milliseconds(f"{name}: the train step by op type, {steps} steps of batch "
+                          f"{batch_size}", totals, wall, "ms per step", shown)
+
+
+def profile_likelihood(name, architecture, x_test, policy, shown=8):
+    """Where the likelihood estimate's time goes, by layer and op type (after a first estimate
+    has traced it). XLA programs (conv_vae.bias_and_activation, in bfloat16) are not among the
+    profiled ops: their time is in the wall time only."""
+    model = likelihood_model(architecture, x_test, policy, plain=False)
+    estimate = functools.partial(vae.importance_weighted_log_likelihood, model, x_test,
+                                 architecture.iw_samples, seed=0, xla=architecture.xla,
+                                 verbose=False)
+    estimate()
+    totals, wall = op_milliseconds(estimate, 1, lambda op, op_type: f"{op.rpartition('/')[0]} "
+                                                                   f"({op_type})")
+    print_op_milliseconds(f"{name}: the likelihood estimate by layer and op type, K="
+                          f"{architecture.iw_samples}, {len(x_test)} test images", totals, wall,
+                          "ms per estimate", shown)
 
 
 def progress_frame_seconds(encoder, decoder, data, frames, repeats=20):
@@ -286,18 +331,36 @@ def build_networks(architecture, image_shape, plain=False):
             architecture.build_decoder(options, image_shape))
 
 
-def likelihood_seconds(architecture, x_test, policy, plain):
-    """Seconds of the importance-weighted estimate with the architecture's K, decoding in policy,
-    with the fast path's layers or (plain) Keras' own; tracing included, as a run pays it."""
+def likelihood_model(architecture, x_test, policy, plain):
+    """The architecture's VAE with the default options in policy, with the fast path's layers or
+    (plain) Keras' own."""
     options = argparse.Namespace(**{**DEFAULT_OPTIONS, "plain": plain}, dtype_policy=policy,
                                  likelihood="gaussian", binarize="none", seed=0, beta=1.0,
                                  kl_warmup_epochs=0)
     model = vae.build_model(options, architecture, x_test.shape[1:])
     model(x_test[:1])
+    return model
+
+
+def likelihood_seconds(architecture, x_test, policy, plain):
+    """Seconds of the importance-weighted estimate with the architecture's K, decoding in policy
+    (likelihood_model); tracing included, as a run pays it."""
+    model = likelihood_model(architecture, x_test, policy, plain)
     start = time.perf_counter()
     vae.importance_weighted_log_likelihood(model, x_test, architecture.iw_samples, seed=0,
                                            xla=architecture.xla, verbose=False)
     return time.perf_counter() - start
+
+
+def last_layer_milliseconds(decoder, repeats=20):
+    """The decoder's last layer, forward, on the most samples a call of the likelihood estimate
+    decodes: (outside training, as the estimate runs it; in training, as a step runs it). They
+    differ where conv_vae.MatmulConv2DTranspose has an inference-only form (float32, one filter)."""
+    layer = decoder.layers[-2]  # the last convolution, before the float32 sigmoid
+    decodes = max(1, vae.IW_DECODER_MEMORY // vae.decoded_image_bytes(decoder))
+    x = tf.cast(tf.random.uniform((decodes, *layer.input.shape[1:])), layer.input.dtype)
+    return decodes, [milliseconds_per_call(tf.function(lambda x, training=training: layer(
+        x, training=training)), x, repeats) for training in (False, True)]
 
 
 def benchmark_model(architecture, image_shape, data, epochs, floor_steps, policies, peaks,
@@ -362,6 +425,14 @@ def benchmark_model(architecture, image_shape, data, epochs, floor_steps, polici
                   f"images, {policy}: {own:.1f} s with tracing, {share:.1%} of the matmul peak "
                   f"(the train step alone: {step_share:.1%}); with Keras' layers {keras_own:.1f} s "
                   f"({keras_own / own:.2f}x)")
+            if architecture is conv_vae.CONV:
+                keras.config.set_dtype_policy(policy)
+                decodes, (inference, training) = last_layer_milliseconds(
+                    build_networks(architecture, image_shape)[1])
+                keras.config.set_dtype_policy("float32")
+                print(f"    its last layer, forward, {decodes} decodes per call: {inference:.2f} ms "
+                      f"as the estimate runs it, {training:.2f} ms as training does "
+                      f"({training / inference:.2f}x)")
     fastest = min(policies, key=results.get)
     print(f"  fastest policy for the {name}: {fastest}")
     return results
@@ -382,16 +453,16 @@ def main():
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
     policies, models = args.policies.split(","), args.models.split(",")
-    image_shape = vae.to_float_images(vae.load_dataset(args.data)[2][:1]).shape[1:]
+    x_test = vae.to_float_images(vae.load_dataset(args.data)[2])
+    image_shape = x_test.shape[1:]
     machine = vae.machine_record()
     cap = f", capped by ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}" if os.environ.get(
         "ONEDNN_MAX_CPU_ISA") else ""
     print(f"CPU: {machine['cpu']}, {machine['cores']} cores, kind {machine['isa']} (oneDNN level "
           f"{machine['onednn_isa']}{cap}); conv_vae.py's matrix-product forms run in: "
           f"{', '.join(conv_vae.MATMUL_DTYPES) or 'none'}")
-    peaks = {dtype: matmul_peak_gflops(getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
-    print(f"matmul 2048x2048 here: {peaks['float32']:.0f} GFLOP/s in float32, "
-          f"{peaks['bfloat16']:.0f} in bfloat16 (the peak the fractions below refer to)")
+    peaks = measure_peaks(policies)
+    print(f"matmul 2048x2048 here: {peaks_line(peaks)} (the peak the fractions below refer to)")
     architectures = {"dense": (vae.DENSE, 937), "conv": (conv_vae.CONV, 40)}
     results = {model: benchmark_model(architectures[model][0], image_shape, args.data,
                                       args.epochs, architectures[model][1], policies, peaks,
@@ -408,10 +479,12 @@ def main():
                 profile_op_types(f"{architecture.title}, {policy}",
                                  *build_networks(architecture, image_shape),
                                  architecture.batch_size, args.data)
+                if args.likelihood_images:
+                    profile_likelihood(f"{architecture.title}, {policy}", architecture,
+                                       x_test[:args.likelihood_images], policy)
     keras.config.set_dtype_policy("float32")
-    print(f"\nmatmul 2048x2048 again: {matmul_peak_gflops(tf.float32):.0f} GFLOP/s in float32, "
-          f"{matmul_peak_gflops(tf.bfloat16):.0f} in bfloat16 (if far from the first, the machine's "
-          "load changed during the run)")
+    print(f"\nmatmul 2048x2048 again: {peaks_line(measure_peaks(policies))} (if far from the "
+          "first, the machine's load changed during the run)")
     print("\ntargets:")
     if "dense" in results:
         dense = results["dense"]
