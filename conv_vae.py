@@ -4,7 +4,8 @@
 
 Only the encoder, the decoder, their options and the defaults live here (CONV, an Architecture),
 then, under their own heading, the speed work (the convolutions as matrix products, a cheaper
-dropout mask); the model class, data, training, checkpoints, evaluation and outputs are vae.py's.
+dropout mask, cheaper forms of the decoder's work outside training); the model class, data,
+training, checkpoints, evaluation and outputs are vae.py's.
 """
 
 import sys
@@ -76,8 +77,9 @@ CONV = vae.Architecture(
 
 # ----------------------------------------------------------------------------------------------
 # Speed: the convolutions as matrix products and a cheaper dropout mask, where they are faster
-# (MATMUL_DTYPES); --plain uses Keras' own layers. Same variables, same function: a reader who
-# skips this section reads the whole model above.
+# (MATMUL_DTYPES), and outside training cheaper forms of the decoder's last layer (float32) and of
+# its bias and activation (bfloat16); --plain uses Keras' own layers. Same variables, same
+# function: a reader who skips this section reads the whole model above.
 # ----------------------------------------------------------------------------------------------
 
 # Compute dtypes in which MatmulConv2D and MatmulConv2DTranspose run their matrix-product forms
@@ -205,8 +207,8 @@ def one_filter_as_depthwise(x, kernel):
     """A 3x3 stride-1 "same" transposed convolution to one filter (the decoder's last layer) as each
     channel convolved with its own flipped taps (a depthwise convolution), then summed over the
     channels. oneDNN's float32 transposed convolution to a single channel runs at about 6% of the
-    matmul peak: 30% of the likelihood estimate's time for 4% of its arithmetic; this form is 2.9x
-    faster (results/README.md, Speed)."""
+    matmul peak: 30% of the likelihood estimate's time for 4% of its arithmetic; this form is 2.0x
+    to 2.9x faster on oneDNN's AMX, AVX-512 and AVX2 kernels (results/README.md, Speed)."""
     taps = ops.flip(ops.flip(kernel, axis=0), axis=1)  # (3, 3, 1, channels)
     per_channel = tf.nn.depthwise_conv2d(x, ops.transpose(taps, (0, 1, 3, 2)), (1, 1, 1, 1), "SAME")
     return ops.sum(per_channel, axis=-1, keepdims=True)
@@ -250,9 +252,10 @@ class MatmulConv2D(layers.Conv2D):
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class MatmulConv2DTranspose(layers.Conv2DTranspose):
     """Conv2DTranspose (same variables, same function) whose 3x3 transposed convolutions of stride
-    2 or 1 can run as one matrix product (conv_transpose_as_matmul), and whose float32 stride-1
-    convolution to one filter runs as a depthwise one outside training (one_filter_as_depthwise:
-    training keeps Keras' op, so float32 runs train to the same digits as before it)."""
+    2 or 1 can run as one matrix product (conv_transpose_as_matmul). Outside training, a float32
+    stride-1 convolution to one filter runs as a depthwise one (one_filter_as_depthwise), and in
+    bfloat16 the bias and activation run as one XLA program (bias_and_activation); training keeps
+    Keras' ops there, so float32 training is Keras' own arithmetic to the last digit."""
 
     def matmul_form(self, input_shape):
         if three_by_three_same(self) and self.output_padding is None:

@@ -263,7 +263,7 @@ def op_milliseconds(run, runs_per_call, key):
                 for event in line.events:
                     event_name = plane.event_metadata[event.metadata_id].name
                     op, _, op_type = event_name.rpartition(":")
-                    if op and "::" not in event_name:  # not the executor's own events (Class::Method)
+                    if op and "::" not in event_name:  # not the executor's (Class::Method)
                         totals[key(op, op_type)] += event.duration_ps / 1e9 / runs_per_call
     return totals, wall
 
@@ -430,9 +430,9 @@ def benchmark_model(architecture, image_shape, data, epochs, floor_steps, polici
                 decodes, (inference, training) = last_layer_milliseconds(
                     build_networks(architecture, image_shape)[1])
                 keras.config.set_dtype_policy("float32")
-                print(f"    its last layer, forward, {decodes} decodes per call: {inference:.2f} ms "
-                      f"as the estimate runs it, {training:.2f} ms as training does "
-                      f"({training / inference:.2f}x)")
+                print(f"    its last layer, forward, {decodes} decodes per call: "
+                      f"{inference:.2f} ms as the estimate runs it, {training:.2f} ms as training "
+                      f"does ({training / inference:.2f}x)")
     fastest = min(policies, key=results.get)
     print(f"  fastest policy for the {name}: {fastest}")
     return results
