@@ -206,9 +206,9 @@ def conv_transpose_as_matmul(x, kernel, stride):
 def one_filter_as_depthwise(x, kernel):
     """A 3x3 stride-1 "same" transposed convolution to one filter (the decoder's last layer) as each
     channel convolved with its own flipped taps (a depthwise convolution), then summed over the
-    channels. oneDNN's float32 transposed convolution to a single channel runs at about 6% of the
-    matmul peak: 30% of the likelihood estimate's time for 4% of its arithmetic; this form is 2.0x
-    to 2.9x faster on oneDNN's AMX, AVX-512 and AVX2 kernels (results/README.md, Speed)."""
+    channels. oneDNN's float32 transposed convolution to a single channel is slow for its 4% of
+    the decoder's arithmetic; this form is 2.3x faster on an AMX CPU, 2.0x on oneDNN's AVX2
+    kernels, and the likelihood estimate 1.19x (results/README.md, Speed)."""
     taps = ops.flip(ops.flip(kernel, axis=0), axis=1)  # (3, 3, 1, channels)
     per_channel = tf.nn.depthwise_conv2d(x, ops.transpose(taps, (0, 1, 3, 2)), (1, 1, 1, 1), "SAME")
     return ops.sum(per_channel, axis=-1, keepdims=True)
@@ -217,8 +217,8 @@ def one_filter_as_depthwise(x, kernel):
 @tf.function(jit_compile=True)
 def bias_and_activation(x, bias, activation):
     """activation(x + bias) in one pass compiled by XLA, for bfloat16 outside training: the same
-    bits as TensorFlow's bfloat16 BiasAdd and Relu, whose element-by-element conversions took
-    half the bfloat16 likelihood estimate's op time on an AMX CPU (results/README.md, Speed)."""
+    bits as TensorFlow's bfloat16 BiasAdd and Relu, which convert element by element; the
+    bfloat16 likelihood estimate runs 1.27x faster on an AMX CPU (results/README.md, Speed)."""
     return activation(x + bias)
 
 

@@ -364,9 +364,9 @@ def last_layer_milliseconds(decoder, repeats=20):
 
 
 def benchmark_model(architecture, image_shape, data, epochs, floor_steps, policies, peaks,
-                    likelihood_images):
-    """Timed runs of each policy's fast path and of the plain path; returns seconds per epoch by
-    path."""
+                    likelihood_test):
+    """Timed runs of each policy's fast path and of the plain path, and the likelihood estimate
+    over likelihood_test (test images; none skip it); returns seconds per epoch by path."""
     name, batch_size, xla = architecture.title, architecture.batch_size, architecture.xla
     gflop = epoch_gflop(*build_networks(architecture, image_shape))
     print(f"\n{name} (batch {batch_size}): {gflop:.0f} GFLOP per epoch (60,000 training steps' "
@@ -411,13 +411,14 @@ def benchmark_model(architecture, image_shape, data, epochs, floor_steps, polici
     print(f"  progress frame per epoch (decode, draw, save 100 frames): "
           f"{1000 * watch_cost:.1f} ms, {watch_cost / results[policies[0]]:.2%} of a "
           f"{policies[0]} epoch (target < 2%)")
-    if likelihood_images:
-        x_test = vae.to_float_images(vae.load_dataset(data)[2][:likelihood_images])
+    if len(likelihood_test):
+        likelihood_images = len(likelihood_test)
         estimate_gflop = likelihood_gflop(*build_networks(architecture, image_shape),
                                           likelihood_images, architecture.iw_samples)
         for policy in policies:
             own, keras_own = (min(seconds) for seconds in zip(*(  # alternated, the best of two
-                [likelihood_seconds(architecture, x_test, policy, plain) for plain in (False, True)]
+                [likelihood_seconds(architecture, likelihood_test, policy, plain)
+                 for plain in (False, True)]
                 for _ in range(2))))
             share = estimate_gflop / own / peak_of(policy, peaks)
             step_share = gflop / floors[policy, False] / peak_of(policy, peaks)
@@ -453,8 +454,8 @@ def main():
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
     policies, models = args.policies.split(","), args.models.split(",")
-    x_test = vae.to_float_images(vae.load_dataset(args.data)[2])
-    image_shape = x_test.shape[1:]
+    likelihood_test = vae.to_float_images(vae.load_dataset(args.data)[2][:args.likelihood_images])
+    image_shape = likelihood_test.shape[1:]
     machine = vae.machine_record()
     cap = f", capped by ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}" if os.environ.get(
         "ONEDNN_MAX_CPU_ISA") else ""
@@ -466,7 +467,7 @@ def main():
     architectures = {"dense": (vae.DENSE, 937), "conv": (conv_vae.CONV, 40)}
     results = {model: benchmark_model(architectures[model][0], image_shape, args.data,
                                       args.epochs, architectures[model][1], policies, peaks,
-                                      args.likelihood_images)
+                                      likelihood_test)
                for model in models}
     for policy in policies:
         keras.config.set_dtype_policy(policy)
@@ -479,9 +480,9 @@ def main():
                 profile_op_types(f"{architecture.title}, {policy}",
                                  *build_networks(architecture, image_shape),
                                  architecture.batch_size, args.data)
-                if args.likelihood_images:
+                if len(likelihood_test):
                     profile_likelihood(f"{architecture.title}, {policy}", architecture,
-                                       x_test[:args.likelihood_images], policy)
+                                       likelihood_test, policy)
     keras.config.set_dtype_policy("float32")
     print(f"\nmatmul 2048x2048 again: {peaks_line(measure_peaks(policies))} (if far from the "
           "first, the machine's load changed during the run)")
