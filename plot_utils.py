@@ -2,26 +2,23 @@
 
 Each function builds and returns a `matplotlib.figure.Figure` from arrays the caller computed;
 saving and closing it is the caller's job. Figures are made with `Figure` directly (not pyplot) so
-that none is left open in pyplot's registry. Digits are drawn white on black (cmap "gray", values
-in [0, 1]), as MNIST stores them.
+that none is left open in pyplot's registry and no window ever opens.
 """
 
 import math
 
 import matplotlib
-
-matplotlib.use("Agg")  # scripts run headless; never open a window
-
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 120
-DIGIT_CMAP = "gray"
+DIGITS = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}  # white on black, as MNIST stores them
 GAP_VALUE = 0.5  # mid-gray separators stand out against black digit backgrounds
-# History key -> panel title; a new loss term of the model needs only a new entry here.
-LOSS_PANELS = {"loss": "total", "reconstruction_loss": "reconstruction", "kl_loss": "KL divergence"}
+# Panel titles of the loss terms whose name (history key <term>_loss) is too terse; any other
+# term's panel is titled by its name.
+TERM_TITLES = {"kl": "KL divergence"}
 
 
 def _new_figure(width, height, layout="constrained"):
@@ -43,8 +40,7 @@ def _tile(cells, ncols, gap):
     """One mosaic image of `cells` (N, h, w) in rows of `ncols`, separated by `gap` pixels of
     GAP_VALUE; one imshow is much faster and crisper than one axes per image."""
     n, h, w = cells.shape
-    nrows = math.ceil(n / ncols)
-    mosaic = np.full((nrows * (h + gap) - gap, ncols * (w + gap) - gap), GAP_VALUE)
+    mosaic = np.full((math.ceil(n / ncols) * (h + gap) - gap, ncols * (w + gap) - gap), GAP_VALUE)
     for k, cell in enumerate(cells):
         row, col = divmod(k, ncols)
         top, left = row * (h + gap), col * (w + gap)
@@ -53,9 +49,8 @@ def _tile(cells, ncols, gap):
 
 
 def _show_digits(ax, mosaic):
-    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.imshow(mosaic, **DIGITS)
+    ax.set(xticks=[], yticks=[])
 
 
 def _class_colours(count):
@@ -68,35 +63,32 @@ def _class_colours(count):
     return matplotlib.colormaps["turbo"](np.linspace(0, 1, count))
 
 
-def total_title(history):
-    """The total's panel says what it sums when the KL term is weighted (--beta,
-    --kl-warmup-epochs)."""
-    if "kl_weight" not in history:
-        return "total"
-    low, high = min(history["kl_weight"]), max(history["kl_weight"])
-    weights = f"{high:g}" if low == high else f"{low:g} to {high:g}"
-    return f"total (KL weight {weights})"
-
-
 def loss_curves(history, title="VAE", unit="loss per image"):
-    """Train and test loss per epoch, one panel per term of LOSS_PANELS in history, since the KL
-    term is an order of magnitude smaller than the total and would look flat on a shared axis.
+    """Train and test loss per epoch: the total ("loss"), then one panel per term of the loss
+    (each `<term>_loss` key of history, its `val_` twin the test curve), since the KL term is an
+    order of magnitude smaller than the total and would look flat on a shared axis. The total's
+    title says what it sums when the KL term is weighted (kl_weight: --beta, --kl-warmup-epochs).
     unit: the y axis' label."""
-    panels = {key: name for key, name in LOSS_PANELS.items() if key in history}
-    fig = _new_figure(2.4 * len(panels), 2.8)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    terms = [key for key in history if key.endswith("_loss") and not key.startswith("val_")]
+    keys = ["loss", *terms]
+    fig = _new_figure(2.4 * len(keys), 2.8)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
     n_epochs = len(history["loss"])
     epochs = np.arange(1, n_epochs + 1)
     marker = "o" if n_epochs <= 30 else None  # a single epoch is a lone point
-    for ax, (key, name) in zip(axes, panels.items()):
+    total = "total"
+    if "kl_weight" in history:
+        low, high = min(history["kl_weight"]), max(history["kl_weight"])
+        total += f" (KL weight {high:g})" if low == high else f" (KL weight {low:g} to {high:g})"
+    for ax, key in zip(axes, keys):
         ax.plot(epochs, history[key], marker=marker, ms=4, label="train")
         ax.plot(epochs, history[f"val_{key}"], marker=marker, ms=4, label="test")
-        ax.set_title(total_title(history) if key == "loss" else name)
+        term = key.removesuffix("_loss")
+        ax.set_title(total if key == "loss" else TERM_TITLES.get(term, term))
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, n_epochs + 0.5)  # room for a lone first/last point
-        ax.xaxis.set_major_locator(
-            MaxNLocator(nbins=7, steps=[1, 2, 5, 10], integer=True, min_n_ticks=1)
-        )
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=7, steps=[1, 2, 5, 10], integer=True,
+                                               min_n_ticks=1))
         ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False)  # same colours in every panel
@@ -112,13 +104,10 @@ def reconstructions(originals, reconstructions, title="VAE", items="digits"):
     originals = _as_images(originals, 3)[:100]
     reconstructed = _as_images(reconstructions, 3)[:100]
     if originals.shape != reconstructed.shape:
-        raise ValueError(
-            f"{originals.shape[0]} originals but {reconstructed.shape[0]} reconstructions, "
-            "or different image sizes"
-        )
+        raise ValueError(f"{originals.shape[0]} originals but {reconstructed.shape[0]} "
+                         "reconstructions, or different image sizes")
     pairs = np.concatenate([originals, reconstructed], axis=2)
-    ncols = min(10, len(pairs))
-    mosaic = _tile(pairs, ncols=ncols, gap=4)
+    mosaic = _tile(pairs, ncols=min(10, len(pairs)), gap=4)
     height, width = mosaic.shape
     fig = _new_figure(6.4, 0.6 + 6.4 * height / width)
     ax = fig.add_subplot()
@@ -168,23 +157,33 @@ def latent_space(z, labels, title="VAE", class_names=None):
         ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
         ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)")
         fig.suptitle(f"{title}: PCA projection of the {dim}-d latent means")
-    marker_area = float(np.clip(4000 / len(z), 2, 30))  # small for 10k, visible for 20
-    points = ax.scatter(
-        x,
-        y,
-        c=index,
-        cmap=ListedColormap(_class_colours(len(names))),
-        norm=BoundaryNorm(np.arange(len(names) + 1) - 0.5, ncolors=len(names)),
-        s=marker_area,
-        alpha=0.6,
-        linewidths=0,
-    )
+    points = ax.scatter(x, y, c=index, cmap=ListedColormap(_class_colours(len(names))),
+                        norm=BoundaryNorm(np.arange(len(names) + 1) - 0.5, ncolors=len(names)),
+                        s=np.clip(4000 / len(z), 2, 30),  # small for 10k points, visible for 20
+                        alpha=0.6, linewidths=0)
     colorbar = fig.colorbar(points, ax=ax)
     colorbar.set_ticks(range(len(names)), labels=names)
     colorbar.set_label("digit" if class_names is None else "class")
     colorbar.ax.minorticks_off()
     colorbar.solids.set_alpha(1)  # the bar shows the colours, not the overlap
     return fig
+
+
+def _latent_grid(ax, images, grid_values):
+    """Draws manifold's images (n, n, h, w) on ax as one image placed at its latent coordinates."""
+    n, _, h, w = images.shape
+    grid_values = np.asarray(grid_values, dtype=float)
+    if images.shape[1] != n or len(grid_values) != n:
+        raise ValueError(f"expected ({len(grid_values)}, {len(grid_values)}, h, w) images, got "
+                         f"{images.shape}")
+    step = (grid_values[-1] - grid_values[0]) / (n - 1) if n > 1 else 1.0
+    if step <= 0 or not np.allclose(np.diff(grid_values), step):
+        raise ValueError("grid_values must be increasing and evenly spaced")
+    low, high = grid_values[0] - step / 2, grid_values[-1] + step / 2
+    # The default origin "upper" puts row 0 at the top of the extent, the largest z[1]; the
+    # aspect keeps pixels square should h differ from w.
+    ax.imshow(images.transpose(0, 2, 1, 3).reshape(n * h, n * w), **DIGITS,
+              extent=(low, high, low, high), aspect=h / w)
 
 
 def manifold(images, grid_values, title="VAE"):
@@ -194,28 +193,35 @@ def manifold(images, grid_values, title="VAE"):
     images[i, j] must decode z = (grid_values[j], grid_values[::-1][i]): columns go left to right
     with z[0], rows top to bottom from the largest z[1] down, like a plot with z[1] upwards.
     grid_values must be increasing and evenly spaced, as each is the centre of one cell."""
-    images = _as_images(images, 4)
-    grid_values = np.asarray(grid_values, dtype=float)
-    n, _, h, w = images.shape
-    if images.shape[1] != n or len(grid_values) != n:
-        raise ValueError(
-            f"expected ({len(grid_values)}, {len(grid_values)}, h, w) images, got {images.shape}"
-        )
-    step = (grid_values[-1] - grid_values[0]) / (n - 1) if n > 1 else 1.0
-    if step <= 0 or not np.allclose(np.diff(grid_values), step):
-        raise ValueError("grid_values must be increasing and evenly spaced")
-    low, high = grid_values[0] - step / 2, grid_values[-1] + step / 2
-    mosaic = images.transpose(0, 2, 1, 3).reshape(n * h, n * w)
     fig = _new_figure(6.0, 6.0)
     ax = fig.add_subplot()
-    # The default origin "upper" puts row 0 at the top of the extent, the largest z[1]; the
-    # aspect keeps pixels square should h differ from w.
-    ax.imshow(
-        mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0, extent=(low, high, low, high), aspect=h / w
-    )
-    ax.set_xlabel("z[0]")
-    ax.set_ylabel("z[1]")
-    ax.set_title(f"{title}: decoded latent grid")
+    _latent_grid(ax, _as_images(images, 4), grid_values)
+    ax.set(xlabel="z[0]", ylabel="z[1]", title=f"{title}: decoded latent grid")
+    return fig
+
+
+def _labelled_grid(cells, row_labels, column_labels, title, xlabel):
+    """cells (rows, columns, h, w) in one mosaic, each row and column named on its axis."""
+    rows, columns, h, w = cells.shape
+    if len(row_labels) != rows or len(column_labels) != columns:
+        raise ValueError(f"{rows} x {columns} cells need as many row and column labels, got "
+                         f"{len(row_labels)} and {len(column_labels)}")
+    gap = 2
+    mosaic = _tile(cells.reshape(-1, h, w), ncols=columns, gap=gap)
+    height, width = mosaic.shape
+    image_inches = 0.7 + 0.5 * columns  # wide, plus room for the row labels and the titles
+    label_inches = 0.08 * max(len(str(label)) for label in row_labels)  # class names need room
+    # "compressed" keeps the title and x labels next to this fixed-aspect image, whatever the
+    # number of rows, instead of leaving the slack between them.
+    fig = _new_figure(0.3 + image_inches + label_inches, 0.8 + image_inches * height / width,
+                      layout="compressed")
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, **DIGITS)
+    ax.set_xticks(np.arange(columns) * (w + gap) + (w - 1) / 2, column_labels)
+    ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
+    ax.tick_params(length=0)
+    ax.set_xlabel(xlabel)
+    fig.suptitle(title)
     return fig
 
 
@@ -224,41 +230,21 @@ def interpolation(starts, paths, ends, row_labels, title="VAE", conditional=Fals
     mean to another image's (paths: (rows, steps, h, w)), and that other real image, so a reader
     sees how smoothly the model morphs one class into another. conditional: a conditional VAE's
     one-hot label moved along the same path."""
-    starts, ends = _as_images(starts, 3), _as_images(ends, 3)
-    paths = _as_images(paths, 4)
-    rows, steps, h, w = paths.shape
-    if starts.shape != (rows, h, w) or ends.shape != (rows, h, w) or len(row_labels) != rows:
-        raise ValueError(
-            f"{rows} paths of {steps} steps need {rows} start and end images and row labels, "
-            f"got {starts.shape}, {ends.shape} and {len(row_labels)} labels"
-        )
-    cells = np.concatenate([starts[:, None], paths, ends[:, None]], axis=1).reshape(-1, h, w)
-    gap = 2
-    mosaic = _tile(cells, ncols=steps + 2, gap=gap)
-    height, width = mosaic.shape
-    label_inches = 0.08 * max(len(label) for label in row_labels)  # class names need room
-    # "compressed" keeps the title and x labels next to this wide, fixed-aspect image, whatever
-    # the number of rows, instead of leaving the slack between them.
-    fig = _new_figure(6.0 + label_inches, 0.8 + 6.0 * height / width, layout="compressed")
-    ax = fig.add_subplot()
-    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
-    columns = np.arange(steps + 2) * (w + gap) + (w - 1) / 2
-    ax.set_xticks(columns[[0, 1, steps, steps + 1]], ["real", "t = 0", "t = 1", "real"])
-    ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
-    ax.tick_params(length=0)
+    starts, paths, ends = _as_images(starts, 3), _as_images(paths, 4), _as_images(ends, 3)
+    steps = paths.shape[1]
+    cells = np.concatenate([starts[:, None], paths, ends[:, None]], axis=1)
+    columns = ["real", "t = 0", *[""] * (steps - 2), "t = 1", "real"]
     moved = "z and the label" if conditional else "z"
-    ax.set_xlabel(f"{moved} = (1 - t) left + t right (z: posterior means), {steps} evenly spaced t")
-    fig.suptitle(f"{title}: latent interpolations between test images")
-    return fig
+    xlabel = f"{moved} = (1 - t) left + t right (z: posterior means), {steps} evenly spaced t"
+    return _labelled_grid(cells, row_labels, columns,
+                          f"{title}: latent interpolations between test images", xlabel)
 
 
 def progress_frame(originals, reconstructions, samples, columns=10):
     """One frame of training progress as a uint8 image: a row of test images, their
     reconstructions below, then rows of decoded prior samples (the same inputs every epoch, so
     frames compare)."""
-    cells = np.concatenate(
-        [_as_images(originals, 3), _as_images(reconstructions, 3), _as_images(samples, 3)]
-    )
+    cells = np.concatenate([_as_images(a, 3) for a in (originals, reconstructions, samples)])
     return np.round(255 * np.clip(_tile(cells, ncols=columns, gap=2), 0, 1)).astype(np.uint8)
 
 
@@ -288,34 +274,10 @@ def samples(images, title="VAE"):
     """Decodings of z ~ N(0, I) in a near-square grid (10 x 10 for 100), to show what the
     generative model produces from its prior."""
     images = _as_images(images, 3)
-    ncols = math.ceil(math.sqrt(len(images)))
     fig = _new_figure(4.6, 4.9)
     ax = fig.add_subplot()
-    _show_digits(ax, _tile(images, ncols=ncols, gap=2))
+    _show_digits(ax, _tile(images, ncols=math.ceil(math.sqrt(len(images))), gap=2))
     ax.set_title(f"{title}: samples from the prior")
-    return fig
-
-
-def _labelled_grid(cells, row_labels, column_labels, title, xlabel):
-    """cells (rows, columns, h, w) in one mosaic, each row and column named on its axis."""
-    cells = _as_images(cells, 4)
-    rows, columns, h, w = cells.shape
-    if len(row_labels) != rows or len(column_labels) != columns:
-        raise ValueError(f"{rows} x {columns} cells need as many row and column labels, got "
-                         f"{len(row_labels)} and {len(column_labels)}")
-    gap = 2
-    mosaic = _tile(cells.reshape(-1, h, w), ncols=columns, gap=gap)
-    height, width = mosaic.shape
-    label_inches = 0.08 * max(len(str(label)) for label in row_labels)
-    fig = _new_figure(1.0 + 0.5 * columns + label_inches, 1.2 + 0.5 * columns * height / width,
-                      layout="compressed")
-    ax = fig.add_subplot()
-    ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0)
-    ax.set_xticks(np.arange(columns) * (w + gap) + (w - 1) / 2, column_labels)
-    ax.set_yticks(np.arange(rows) * (h + gap) + (h - 1) / 2, row_labels)
-    ax.tick_params(length=0)
-    ax.set_xlabel(xlabel)
-    fig.suptitle(title)
     return fig
 
 
@@ -332,9 +294,6 @@ def analogies(originals, decoded, class_names, title="VAE"):
     posterior mean decoded with every label (decoded: (rows, classes, h, w)), so the style the
     latent code carries is drawn as each class."""
     originals, decoded = _as_images(originals, 3), _as_images(decoded, 4)
-    if originals.shape[0] != decoded.shape[0] or originals.shape[1:] != decoded.shape[2:]:
-        raise ValueError(f"{originals.shape[0]} test images need as many rows of decodings of "
-                         f"the same size, got {decoded.shape}")
     cells = np.concatenate([originals[:, None], decoded], axis=1)
     return _labelled_grid(cells, [""] * len(originals), ["test", *class_names],
                           f"{title}: each test image's z, decoded with every label",
@@ -343,25 +302,17 @@ def analogies(originals, decoded, class_names, title="VAE"):
 
 def class_manifolds(images, grid_values, class_names, title="VAE"):
     """A conditional VAE's decoded latent grid for each class, one panel per class (images:
-    (classes, n, n, h, w), as manifold's for each), showing how style varies across z within a
+    (classes, n, n, h, w), each as manifold's), showing how style varies across z within a
     class."""
     images = _as_images(images, 5)
-    classes, n = images.shape[:2]
-    grid_values = np.asarray(grid_values, dtype=float)
-    if len(class_names) != classes or len(grid_values) != n:
-        raise ValueError(f"{classes} panels of {n} x {n} need as many class names and grid "
-                         f"values, got {len(class_names)} and {len(grid_values)}")
-    columns = min(5, classes)
-    rows = math.ceil(classes / columns)
+    if len(class_names) != len(images):
+        raise ValueError(f"{len(images)} panels need as many class names, got {len(class_names)}")
+    columns = min(5, len(images))
+    rows = math.ceil(len(images) / columns)
     fig = _new_figure(2.2 * columns, 2.4 * rows + 0.4)
-    step = (grid_values[-1] - grid_values[0]) / (n - 1) if n > 1 else 1.0
-    low, high = grid_values[0] - step / 2, grid_values[-1] + step / 2
-    h, w = images.shape[3:]
     for index, (panel, name) in enumerate(zip(images, class_names)):
         ax = fig.add_subplot(rows, columns, index + 1)
-        mosaic = panel.transpose(0, 2, 1, 3).reshape(n * h, n * w)
-        ax.imshow(mosaic, cmap=DIGIT_CMAP, vmin=0.0, vmax=1.0, extent=(low, high, low, high),
-                  aspect=h / w)
+        _latent_grid(ax, panel, grid_values)
         ax.set_title(str(name))
         ax.tick_params(labelsize=7)
         if index % columns == 0:
@@ -395,16 +346,13 @@ def study_history(values, pruned, objective, lower_is_better=True, importances=N
         np.where(done, values, np.inf if lower_is_better else -np.inf))
     shown = np.isfinite(best)
     ax.step(numbers[shown], best[shown], where="post", color="C3", label="best so far")
-    for cause, colour, marker in (("loss", "C7", "v"), ("time", "C1", "x")):
+    for cause, colour, marker, label in (("loss", "C7", "v", "pruned: test loss"),
+                                         ("time", "C1", "x", "pruned: over the time budget")):
         cut = [i for i, why in enumerate(pruned) if why == cause]
         if cut:
             ax.plot(cut, np.zeros(len(cut)), marker, color=colour, ms=7, clip_on=False,
-                    transform=ax.get_xaxis_transform(),
-                    label="pruned: over the time budget" if cause == "time" else
-                    "pruned: test loss")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(objective)
-    ax.set_xlim(-0.5, max(len(values) - 0.5, 0.5))
+                    transform=ax.get_xaxis_transform(), label=label)
+    ax.set(xlabel="trial", ylabel=objective, xlim=(-0.5, max(len(values) - 0.5, 0.5)))
     ax.margins(y=0.12)  # the pruned trials' marks sit on the bottom axis, below every point
     ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
     ax.grid(alpha=0.3)
@@ -412,10 +360,7 @@ def study_history(values, pruned, objective, lower_is_better=True, importances=N
     ax.set_title(f"{title}: {objective} by trial")
     if importances:
         names = list(importances)[::-1]  # the most important on top
-        ax = axes[1]
-        ax.barh(names, [importances[name] for name in names], color="C0")
-        ax.set_xlabel("importance (share)")
-        ax.set_xlim(0, 1)
-        ax.set_title("which parameters mattered")
-        ax.grid(axis="x", alpha=0.3)
+        axes[1].barh(names, [importances[name] for name in names], color="C0")
+        axes[1].set(xlabel="importance (share)", xlim=(0, 1), title="which parameters mattered")
+        axes[1].grid(axis="x", alpha=0.3)
     return fig

@@ -3,14 +3,16 @@
 import argparse
 import json
 import math
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import QUICK, error_lines, run_main, shared_run
 
 import conv_vae
+import fid
 import vae
 
 
@@ -19,13 +21,16 @@ def finished_run(tmp_path_factory, tiny_mnist):
     return shared_run(tmp_path_factory, "conv_vae.py", "--data", tiny_mnist, *QUICK, "--filters", "8")
 
 
-def test_run_writes_every_output(finished_run):
+def test_run_writes_every_output(finished_run, tiny_mnist):
+    from test_vae import check_finished_run
+
     results_dir, result = finished_run
-    metrics = json.loads((results_dir / "metrics.json").read_text())
-    for name in ("model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png",
-                 "latent_space_representation.png", "manifold.png", "samples.png"):
-        assert (results_dir / name).stat().st_size > 0, name
+    metrics = check_finished_run(results_dir, epochs=2)
     assert metrics["model"] == "Convolutional VAE" and metrics["config"]["filters"] == 8
+    model = fid.load_model(results_dir / "model.keras")  # the numbers are the model's, to the digit
+    x_test = vae.to_float_images(vae.load_dataset(tiny_mnist)[2])
+    estimate = vae.importance_weighted_log_likelihood(model, x_test, 8, seed=0, xla=False, verbose=False)
+    assert metrics["test_log_likelihood_iw"] == float(np.mean(estimate))
     assert len(metrics["seconds_per_epoch"]) == 2
     assert not {"xla", "batches_per_step"} & metrics["config"].keys()  # command-line options only
     assert np.isfinite([metrics["fid_pixel_recon"], metrics["fid_pixel_samples"], metrics["test_log_likelihood_iw"]]).all()
@@ -41,12 +46,12 @@ def test_saved_model_with_custom_layers_reproduces_its_reconstructions(finished_
     reconstructions, terms = vae.evaluate_elbo(model, x_test, seed=0)
     metrics = json.loads((results_dir / "metrics.json").read_text())
     assert float(-np.mean(sum(terms.values()))) == pytest.approx(metrics["test_elbo"], rel=1e-5)
-    np.testing.assert_array_equal(reconstructions, vae.evaluate_elbo(vae.load_saved_model(results_dir / "model.keras"),
+    np.testing.assert_array_equal(reconstructions, vae.evaluate_elbo(fid.load_model(results_dir / "model.keras"),
                                                                      x_test, seed=0)[0])
 
 
 def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
-    model = vae.load_saved_model(finished_run[0] / "model.keras")
+    model = fid.load_model(finished_run[0] / "model.keras")
     x = vae.to_float_images(vae.load_dataset(tiny_mnist)[2][:16])
     z_mean, _ = model.encoder(x, training=False)
     np.testing.assert_array_equal(z_mean, model.encoder(x, training=False)[0])
@@ -54,7 +59,7 @@ def test_dropout_is_off_at_inference(finished_run, tiny_mnist):
     assert not np.allclose(model.decoder(z_mean, training=True), model.decoder(z_mean, training=True))
 
 
-@pytest.mark.parametrize("plain, conv, dropout", [(False, "MatmulConv2D", "ByteDropout"),
+@pytest.mark.parametrize("plain, conv, dropout", [(False, "Conv2D", "ByteDropout"),
                                                   (True, "Conv2D", "Dropout")])
 def test_architecture_matches_the_original(plain, conv, dropout):
     args = argparse.Namespace(latent_dim=2, filters=32, dense_units=32, dense_layers=1, dropout=0.25, plain=plain, activation="relu")
@@ -106,198 +111,41 @@ def test_bfloat16_convolutions_with_float32_posterior_and_pixels():
     assert set(np.unique(kept.astype(np.float32))) == {0.0, np.float32(keras.ops.cast(1 / 0.75, "bfloat16"))}
 
 
-def relative_difference(expected, actual):
-    """Largest absolute difference over the largest magnitude."""
-    expected, actual = (np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float32")), np.float64)
-                        for t in (expected, actual))
-    return np.abs(actual - expected).max() / np.abs(expected).max()
+def test_a_model_file_of_the_matrix_product_layers_loads_as_keras_layers(finished_run, tmp_path, tiny_mnist):
+    """Model files saved when the convolutions had matrix-product forms name MatmulConv2D and
+    MatmulConv2DTranspose, and file their weights under those names: they load, to the same
+    outputs."""
+    with zipfile.ZipFile(finished_run[0] / "model.keras") as saved:
+        files = {name: saved.read(name) for name in saved.namelist()}
+    config, renamed = json.loads(files["config.json"]), []
 
-
-def forward_and_gradients(layer, x):
-    """The layer's output in training, and the gradients of a weighted sum of it for its input and
-    weights (weights in [1, 3]: sums that do not cancel, so bfloat16's rounding stays relative)."""
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-        weights = 2 + tf.cos(tf.reshape(tf.range(tf.size(y), dtype=tf.float32), tf.shape(y)))
-        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
-    return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
-
-
-@pytest.fixture
-def spied_matmul_forms(monkeypatch):
-    """The names of the matrix-product forms, once per call."""
-    calls = []
-    for name in ("conv_as_matmul", "conv_transpose_as_matmul"):
-        form = getattr(conv_vae, name)
-        monkeypatch.setattr(conv_vae, name,
-                            lambda *args, form=form: calls.append(form.__name__) or form(*args))
-    return calls
-
-
-CONVOLUTIONS = {  # Keras' layer, its options, a tiny input shape: each kind the networks hold
-    "first, 1 channel": (keras.layers.Conv2D, dict(filters=5, strides=2), (3, 8, 6, 1)),
-    "second": (keras.layers.Conv2D, dict(filters=5, strides=2), (3, 6, 8, 4)),
-    "transposed, stride 2": (keras.layers.Conv2DTranspose, dict(filters=5, strides=2), (3, 4, 3, 6)),
-    "last, 1 filter": (keras.layers.Conv2DTranspose, dict(filters=1, strides=1), (3, 5, 4, 6)),
-    "transposed, stride 1": (keras.layers.Conv2DTranspose, dict(filters=3, strides=1), (3, 5, 4, 6)),
-}
-
-
-def layer_pair(name, dtype="float32", activation="elu"):
-    """Keras' layer and its matrix-product subclass with the same weights (a nonzero bias)."""
-    keras_class, options, shape = CONVOLUTIONS[name]
-    keras.utils.set_random_seed(0)
-    options = dict(kernel_size=3, padding="same", activation=activation, dtype=dtype, **options)
-    reference = keras_class(bias_initializer="random_normal", **options)
-    fast = getattr(conv_vae, f"Matmul{keras_class.__name__}")(**options)
-    x = tf.constant(np.random.default_rng(0).standard_normal(shape), tf.float32)
-    reference(x), fast(x)
-    fast.set_weights(reference.get_weights())
-    assert [(w.name, w.shape) for w in fast.weights] == [(w.name, w.shape) for w in reference.weights]
-    return reference, fast, x
-
-
-def matmul_forms_in_float32(monkeypatch):
-    """The forms in float32 too, to compare at float32's precision."""
-    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", ("float32", "bfloat16"))
-
-
-@pytest.mark.parametrize("name", CONVOLUTIONS)
-def test_matmul_forms_equal_keras_layers_with_the_same_weights(name, monkeypatch,
-                                                               spied_matmul_forms):
-    matmul_forms_in_float32(monkeypatch)
-    reference, fast, x = layer_pair(name)
-    expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
-    assert spied_matmul_forms
-    for a, b in zip(expected, actual):  # output; gradients of the input, kernel and bias
-        assert a.shape == b.shape and relative_difference(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("name", CONVOLUTIONS)
-@pytest.mark.parametrize("matmul_dtypes", [("bfloat16",), ()], ids=["without AMX", "with AMX"])
-def test_convolutions_run_as_matrix_products_only_in_the_chosen_dtypes(name, matmul_dtypes,
-                                                                       spied_matmul_forms,
-                                                                       monkeypatch):
-    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", matmul_dtypes)
-    reference, fast, x = layer_pair(name)
-    np.testing.assert_array_equal(reference(x, training=True), fast(x, training=True))
-    assert not spied_matmul_forms
-    reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
-    expected, actual = forward_and_gradients(reference, x), forward_and_gradients(fast, x)
-    assert bool(spied_matmul_forms) == bool(matmul_dtypes)
-    assert keras.backend.standardize_dtype(actual[0].dtype) == "bfloat16"
-    for a, b in zip(expected, actual):
-        assert relative_difference(a, b) < 0.05  # bfloat16: 2^-8 = 0.4% per rounding; sums of them
-
-
-@pytest.mark.parametrize("name", ["last, 1 filter", "transposed, stride 1"])
-def test_one_filter_runs_depthwise_in_float32_outside_training_only(name, monkeypatch):
-    calls = []
-    monkeypatch.setattr(conv_vae, "one_filter_as_depthwise",
-                        lambda *args, form=conv_vae.one_filter_as_depthwise:
-                        calls.append(1) or form(*args))
-    reference, fast, x = layer_pair(name)
-    calls.clear()  # building the layer called it once
-    np.testing.assert_array_equal(reference(x, training=True), fast(x, training=True))
-    assert not calls  # training: Keras' op, the same digits
-    assert relative_difference(reference(x), fast(x)) < 1e-5
-    assert calls == [1] * (reference.filters == 1)
-    reference, fast, x = layer_pair(name, dtype="mixed_bfloat16")
-    calls.clear()
-    fast(x)
-    assert not calls  # float32 only
-
-
-@pytest.mark.parametrize("name", [name for name in CONVOLUTIONS if "transposed" in name
-                                  or "filter" in name])
-@pytest.mark.parametrize("matmul_dtypes", [("bfloat16",), ()], ids=["without AMX", "with AMX"])
-def test_bfloat16_bias_and_activation_run_in_one_pass_outside_training_with_the_same_bits(
-        name, matmul_dtypes, monkeypatch):
-    monkeypatch.setattr(conv_vae, "MATMUL_DTYPES", matmul_dtypes)
-    calls = []
-    monkeypatch.setattr(conv_vae, "bias_and_activation",
-                        lambda *args, fused=conv_vae.bias_and_activation:
-                        calls.append(1) or fused(*args))
-    reference, fast, x = layer_pair(name, dtype="mixed_bfloat16", activation="relu")
-    calls.clear()  # building the layer called it once
-    fast(x, training=True)
-    assert not calls  # training: Keras' ops (or the matrix-product form's), the same digits
-    expected = reference(x) if not matmul_dtypes else fast(x, training=True)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(fast(x), "float32")),
-                                  keras.ops.convert_to_numpy(keras.ops.cast(expected, "float32")))
-    assert calls == [1]
-
-
-def conv_args(plain):
-    return argparse.Namespace(latent_dim=2, filters=4, dense_units=8, dense_layers=1, dropout=0.25,
-                              plain=plain, activation="relu", dtype_policy="float32",
-                              likelihood="gaussian", binarize="none", seed=0, beta=1.0,
-                              kl_warmup_epochs=0, conditional=False)
-
-
-def test_model_saved_with_keras_layers_loads_and_matmul_forms_reproduce_it(tmp_path, tiny_mnist,
-                                                                            monkeypatch):
-    x = vae.to_float_images(vae.load_dataset(tiny_mnist)[2][:8])
-    earlier = vae.build_model(conv_args(plain=True), conv_vae.CONV, x.shape[1:])  # Keras' layers
-    earlier(x)
-    vae.save_model(earlier, tmp_path / "model.keras")
-    loaded = vae.load_saved_model(tmp_path / "model.keras")
-    z = loaded.encoder(x)[0]
-    np.testing.assert_array_equal(z, earlier.encoder(x)[0])
-    np.testing.assert_array_equal(loaded.decoder(z), earlier.decoder(z))
-    matmul_forms_in_float32(monkeypatch)
-    fast = vae.build_model(conv_args(plain=False), conv_vae.CONV, x.shape[1:])
-    fast(x)
-    fast.set_weights(loaded.get_weights())  # the same variables, in the same order and shapes
-    assert relative_difference(z, fast.encoder(x)[0]) < 1e-5
-    assert relative_difference(loaded.decoder(z), fast.decoder(z)) < 1e-5
-
-
-def test_checkpoint_with_keras_layers_restores_and_trains_on(tmp_path, tiny_mnist):
-    x = vae.to_float_images(vae.load_dataset(tiny_mnist)[0][:32])
-    earlier = vae.build_model(conv_args(plain=True), conv_vae.CONV, x.shape[1:])
-    earlier(x[:1])
-    earlier.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
-    earlier.train_on_batch(x[:16])
-    vae.save_model(earlier, tmp_path / "checkpoint-epoch1.keras")
-    state = {"model_file": "checkpoint-epoch1.keras",
-             "random_states": [v.numpy() for v in vae.random_states(earlier)]}
-    restored = vae.restore_checkpoint(tmp_path, state)  # as --resume restores it
-    assert {"Conv2DTranspose", "Dropout"} <= {layer.__class__.__name__
-                                              for layer in restored.decoder.layers}
-    for a, b in zip(restored.get_weights() + vae.random_states(restored),
-                    earlier.get_weights() + vae.random_states(earlier)):
-        np.testing.assert_array_equal(a, b)
-    logs = restored.train_on_batch(x[16:], return_dict=True)
-    assert int(restored.optimizer.iterations) == 2 and math.isfinite(logs["loss"])
-
-
-def test_short_run_with_matmul_forms_follows_keras_layers(tiny_mnist, monkeypatch,
-                                                          spied_matmul_forms):
-    """Adam updates from the same weights, dropout masks and noise: the losses and weights differ by
-    float32 rounding only."""
-    x = vae.to_float_images(vae.load_dataset(tiny_mnist)[0][:64])
-    losses, weights = {}, {}
-    for forms in ("keras", "matmul"):
-        if forms == "matmul":
-            matmul_forms_in_float32(monkeypatch)
-        keras.utils.set_random_seed(0)
-        model = vae.build_model(conv_args(plain=False), conv_vae.CONV, x.shape[1:])
-        model(x[:1])
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)  # quicker here
-        losses[forms] = []
-        for batch in np.split(x, 4):
-            model.reset_metrics()
-            losses[forms].append(model.train_on_batch(batch, return_dict=True)["loss"])
-        weights[forms] = model.get_weights()
-    assert set(spied_matmul_forms) == {"conv_as_matmul", "conv_transpose_as_matmul"}
-    loss_difference = relative_difference(losses["keras"], losses["matmul"])
-    weight_difference = max(np.abs(a - b).max() for a, b in zip(weights["keras"], weights["matmul"]))
-    print(f"losses' largest relative difference {loss_difference:.1e}, weights' largest "
-          f"difference {weight_difference:.1e}")
-    assert loss_difference < 1e-6
-    assert weight_difference < 1e-5  # 1% of what Adam (1e-3) moves a weight in one update
+    def rename(node):  # as the old files name them
+        if isinstance(node, dict):
+            if node.get("class_name") in ("Conv2D", "Conv2DTranspose"):
+                name = f"Matmul{node['class_name']}"
+                node.update(module=None, class_name=name, registered_name=f"mnist_vae>{name}")
+                renamed.append(name)
+            for value in node.values():
+                rename(value)
+        elif isinstance(node, list):
+            for value in node:
+                rename(value)
+    rename(config)
+    assert sorted(renamed) == ["MatmulConv2D"] * 2 + ["MatmulConv2DTranspose"] * 3
+    weights = tmp_path / "model.weights.h5"
+    weights.write_bytes(files["model.weights.h5"])
+    with h5py.File(weights, "r+") as file:
+        for network in ("encoder", "decoder"):
+            for group in list(file[f"{network}/layers"]):
+                if group.startswith("conv2d"):
+                    file.move(f"{network}/layers/{group}", f"{network}/layers/matmul_{group}")
+    files.update({"config.json": json.dumps(config).encode(), "model.weights.h5": weights.read_bytes()})
+    with zipfile.ZipFile(tmp_path / "old.keras", "w") as old:
+        for name, data in files.items():
+            old.writestr(name, data)
+    x_test = vae.to_float_images(vae.load_dataset(tiny_mnist)[2])
+    expected = vae.evaluate_elbo(fid.load_model(finished_run[0] / "model.keras"), x_test, seed=0)[0]
+    np.testing.assert_array_equal(vae.evaluate_elbo(fid.load_model(tmp_path / "old.keras"), x_test, seed=0)[0], expected)
 
 
 def kept_fraction_tolerance(keep, size):

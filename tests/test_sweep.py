@@ -431,8 +431,8 @@ def test_a_grid_study_runs_no_trial_it_did_not_queue(tmp_path, fake_train):
     storage = sweep.open_storage(args)
     study = sweep.open_study(args, storage)
     study.ask()  # the other worker takes the one queued point
-    objective = sweep.Objective(args, study, sweep.QueueLock(args, storage))
-    study.optimize(objective, n_trials=1, catch=(sweep.NothingQueued,))
+    study.optimize(lambda trial: sweep.run_trial(trial, args, study.user_attrs["sweep"], None), n_trials=1,
+                   catch=(sweep.NothingQueued,))
     assert [trial.state.name for trial in study.trials] == ["RUNNING", "FAIL"]
     assert study.trials[1].params == {} and not (tmp_path / "sweeps" / "race").exists()
 
@@ -441,7 +441,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, fake_train):
     for args, message in [
         (sweep_args(tmp_path, "bad", "loss"), "expected NAME=a,b,c"),
         (sweep_args(tmp_path, "bad", "loss=3:1"), "needs LOW < HIGH"),
-        (sweep_args(tmp_path, "bad", "loss=1,2", script_args=["--seed", "3"]), "--seed after --"),
+        (sweep_args(tmp_path, "bad", "loss=1,2", script_args=["--seed", "3"]), "--seed: the sweep sets it"),
         (["--study", "nothing", "--sweeps-dir", tmp_path / "sweeps", "--report"], "no study"),
     ]:
         code, out, err = run_sweep(*args)

@@ -42,7 +42,8 @@ def write_idx(path, array, magic, compress=False):
 def write_idx_folder(folder, npz, compress=False):
     folder.mkdir()
     with np.load(npz) as data:
-        for key, (name, magic) in vae.IDX_FILES.items():
+        for key, name in vae.IDX_FILES.items():
+            magic = 0x803 if key.startswith("x") else 0x801
             write_idx(folder / (name + (".gz" if compress else "")), data[key], magic, compress)
     return folder
 
@@ -86,7 +87,7 @@ def test_offline_download_names_the_dataset_and_data(monkeypatch):
     def offline():
         raise OSError("no network")
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
-    with pytest.raises(vae.UsageError, match=r"cannot download Fashion-MNIST \(OSError\); pass --data PATH"):
+    with pytest.raises(vae.UsageError, match=r"cannot download Fashion-MNIST \(OSError: no network\); pass --data PATH"):
         vae.load_dataset(None, "fashion_mnist")
 
 
@@ -95,7 +96,7 @@ def test_fashion_mnist_runs_with_clothing_names(tmp_path, tiny_mnist):
                       "--iw-samples", "0", "--dataset", "fashion_mnist")
     assert result.returncode == 0, result.stderr
     assert check_finished_run(tmp_path, epochs=2)["config"]["dataset"] == "fashion_mnist"
-    model = vae.load_saved_model(tmp_path / "model.keras")
+    model = fid.load_model(tmp_path / "model.keras")
     x, labels = vae.to_float_images(vae.load_dataset(tiny_mnist)[2]), vae.load_dataset(tiny_mnist)[3]
     *_, row_labels = vae.interpolate(model, x, labels, vae.encode(model, x)[0], vae.DATASETS["fashion_mnist"][2])
     assert "T-shirt/top \N{RIGHTWARDS ARROW} Dress" in row_labels  # class 0 to class 3
@@ -103,7 +104,7 @@ def test_fashion_mnist_runs_with_clothing_names(tmp_path, tiny_mnist):
 
 def test_unreadable_paths_are_usage_errors(tmp_path, tiny_mnist):
     (tmp_path / "noise.npz").write_bytes(os.urandom(500))
-    with pytest.raises(vae.UsageError, match="not an .npz file"):
+    with pytest.raises(vae.UsageError, match="noise.npz: not a readable .npz file"):
         vae.load_dataset(tmp_path / "noise.npz")
     with pytest.raises(vae.UsageError, match="no such file"):
         vae.load_dataset(tmp_path / "absent.npz")
@@ -138,13 +139,6 @@ def test_sampling_has_the_posterior_mean_and_variance():
     np.testing.assert_allclose(z.var(axis=0), [0.25, 4.0], rtol=0.02)
 
 
-def test_sampling_is_reproducible_from_its_seed():
-    inputs = [np.zeros((5, 3), np.float32), np.zeros((5, 3), np.float32)]
-    first = keras.ops.convert_to_numpy(vae.Sampling(seed=7)(inputs))
-    np.testing.assert_array_equal(first, keras.ops.convert_to_numpy(vae.Sampling(seed=7)(inputs)))
-    assert not np.allclose(first, keras.ops.convert_to_numpy(vae.Sampling(seed=8)(inputs)))
-
-
 def test_loss_terms_match_hand_computed_values():
     x = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
     x_hat = np.array([[0.1, 0.5, 0.8, 0.5]], np.float32)
@@ -159,20 +153,25 @@ def test_loss_terms_match_hand_computed_values():
 
 
 def test_a_regulariser_trains_but_stays_out_of_the_elbo(monkeypatch):
-    """A term that is not part of the ELBO (here an L2 penalty on the posterior means) joins the
-    training loss, history and metrics, but the test ELBO stays the model's."""
+    """A term outside ELBO_TERMS (here an L2 penalty on the posterior means) joins the training
+    loss, its logs and the test metrics, but the test ELBO stays the model's."""
     args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="relu")
     model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
     x = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
     _, terms = vae.evaluate_elbo(model, x, seed=0)
-    penalty = vae.LossTerm(lambda z_mean, **_: 5.0 * keras.ops.sum(keras.ops.square(z_mean), axis=-1), in_elbo=False)
-    monkeypatch.setitem(vae.LOSS_TERMS, "l2", penalty)
-    total, batch_terms = model.objective(x, training=False)
-    assert float(total) == pytest.approx(sum(float(value) for value in batch_terms.values()), rel=1e-6)
+    monkeypatch.setitem(vae.LOSS_TERMS, "l2", lambda x, x_hat, z_mean, z_log_var, likelihood:
+                        5.0 * keras.ops.sum(keras.ops.square(z_mean), axis=-1))
+    model = vae.VAE(model.encoder, model.decoder, seed=0)
+    batch_terms = model.loss_terms(x, None, training=False)
+    assert set(batch_terms) == {"reconstruction", "kl", "l2"} and float(batch_terms["l2"]) > 0
+    assert float(vae.weighted_sum(batch_terms, 1.0)) == pytest.approx(
+        sum(float(value) for value in batch_terms.values()), rel=1e-6)
+    model.track(batch_terms, 1.0)
+    assert set(model.logs()) == {"loss", "reconstruction_loss", "kl_loss", "l2_loss"}
     _, regularised = vae.evaluate_elbo(model, x, seed=0)
-    assert np.all(regularised["l2"] > 0) and set(regularised) == {"reconstruction", "kl", "l2"}
-    np.testing.assert_array_equal(vae.elbo(regularised), vae.elbo(terms))
-    np.testing.assert_array_equal(vae.elbo(terms), -(terms["reconstruction"] + terms["kl"]))
+    assert np.all(regularised["l2"] > 0)
+    for name in vae.ELBO_TERMS:
+        np.testing.assert_array_equal(regularised[name], terms[name])
 
 
 def test_active_units_and_kl_per_dimension_tell_a_collapsed_dimension_from_a_used_one():
@@ -287,20 +286,20 @@ def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
 def interrupt_after_epochs(monkeypatch, epochs):
     """Ctrl-C right after the run has committed the checkpoint of `epochs` epochs, in this
     process: the state a kill leaves (a kill of a real process: test_interrupted_run_...)."""
-    on_epoch_end = vae.Checkpoints.on_epoch_end
+    on_epoch_end = vae.RunCallback.on_epoch_end
 
     def on_epoch_end_then_interrupt(self, epoch, logs=None):
         on_epoch_end(self, epoch, logs)
         if self.epochs_done == epochs:
             raise KeyboardInterrupt
-    monkeypatch.setattr(vae.Checkpoints, "on_epoch_end", on_epoch_end_then_interrupt)
+    monkeypatch.setattr(vae.RunCallback, "on_epoch_end", on_epoch_end_then_interrupt)
 
 
 def test_an_interrupt_python_swallowed_still_stops_the_run_at_the_next_batch(tmp_path, tiny_mnist,
                                                                              monkeypatch):
     swallowed = []  # what Python hands sys.unraisablehook instead of raising
     monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
-    on_epoch_end = vae.Checkpoints.on_epoch_end
+    on_epoch_end = vae.RunCallback.on_epoch_end
 
     def on_epoch_end_then_interrupt_in_a_weakref_callback(self, epoch, logs=None):
         on_epoch_end(self, epoch, logs)
@@ -309,7 +308,7 @@ def test_an_interrupt_python_swallowed_still_stops_the_run_at_the_next_batch(tmp
             reference = weakref.ref(owner, lambda _: vae.interrupt(signal.SIGINT, None))
             del owner  # the callback runs here; its KeyboardInterrupt goes to unraisablehook
             assert reference() is None
-    monkeypatch.setattr(vae.Checkpoints, "on_epoch_end", on_epoch_end_then_interrupt_in_a_weakref_callback)
+    monkeypatch.setattr(vae.RunCallback, "on_epoch_end", on_epoch_end_then_interrupt_in_a_weakref_callback)
     interrupted = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, "--epochs", "3",
                            "--fid", "none")
     assert [type(hook.exc_value) for hook in swallowed] == [KeyboardInterrupt]
@@ -329,12 +328,12 @@ def test_cosine_schedule_survives_an_interrupt_and_resume_and_cannot_be_extended
     assert f"resume with: {shlex.join([sys.executable, 'vae.py', *common, '--resume'])}\n" in interrupted.stdout
     assert not (tmp_path / "model.keras").exists()
     state = json.loads((tmp_path / "checkpoint.json").read_text())
-    checkpoint = vae.load_saved_model(tmp_path / state["model_file"])
+    checkpoint = fid.load_model(tmp_path / state["model_file"])
     rate = float(checkpoint.optimizer.learning_rate)
     assert state["epochs_done"] == 2 and 0 < rate < 1e-3  # part way down the cosine, not back at the constant rate
     result = run_main("vae.py", *common, "--resume")
     assert result.returncode == 0, result.stderr
-    final = vae.load_saved_model(tmp_path / "model.keras")
+    final = fid.load_model(tmp_path / "model.keras")
     assert int(final.optimizer.iterations) == 10 * final.updates_per_epoch
     assert float(final.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)  # the schedule ran to its end
     refused = run_main("vae.py", *common[:4], "--epochs", "50", "--resume")
@@ -385,16 +384,6 @@ def test_importance_weighted_estimate_converges_to_the_exact_likelihood():
     assert abs(gaps[5000]) < 0.01
 
 
-def test_one_sample_estimate_is_the_elbo_in_expectation():
-    model, x, _ = linear_gaussian_vae(variance_scale=3.0)
-    repeated = np.repeat(x[:4], 4000, axis=0)
-    _, terms = vae.evaluate_elbo(model, repeated, seed=0)
-    one_sample = vae.importance_weighted_log_likelihood(model, repeated, 1, seed=2, verbose=False)
-    elbo = -(terms["reconstruction"] + terms["kl"])
-    np.testing.assert_allclose(one_sample.reshape(4, -1).mean(axis=1), elbo.reshape(4, -1).mean(axis=1),
-                               atol=0.15)
-
-
 def test_estimate_is_stable_for_extreme_log_weights():
     """Images far from the model put log-weights near -1e6: log-sum-exp must not underflow to -inf."""
     model, x, _ = linear_gaussian_vae(variance_scale=3.0)
@@ -422,18 +411,6 @@ def test_interpolation_runs_between_posterior_means_of_different_classes():
     np.testing.assert_allclose(paths[:, -1], vae.decode(model, z_mean[[2, 6, 4, 5]]), atol=1e-6)
 
 
-def test_a_long_estimate_first_says_how_long_and_how_to_skip_it(monkeypatch, capsys):
-    model, x, _ = linear_gaussian_vae(variance_scale=2.0)
-    monkeypatch.setattr(vae, "LONG_STEP_SECONDS", 0)
-    vae.importance_weighted_log_likelihood(model, x, 4, seed=0, images_per_batch=len(x) // 3)
-    lines = capsys.readouterr().out.replace("\r", "\n").splitlines()
-    assert lines[0].startswith(f"importance-weighted log-likelihood (K=4) of {len(x)} images: about ")
-    assert lines[0].endswith("(--iw-samples 0 skips it)") and f"{len(x)}/{len(x)}" in lines[-1]
-    monkeypatch.setattr(vae, "LONG_STEP_SECONDS", 3600)
-    vae.importance_weighted_log_likelihood(model, x, 4, seed=0, images_per_batch=len(x) // 3)
-    assert "skips it" not in capsys.readouterr().out
-
-
 def test_chunking_does_not_change_the_estimate():
     model, x, _ = linear_gaussian_vae(variance_scale=2.0)
     whole = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, verbose=False)
@@ -442,10 +419,11 @@ def test_chunking_does_not_change_the_estimate():
     pieces = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, images_per_batch=20,
                                                     samples_per_chunk=64, xla=False, verbose=False)
     bounded = vae.importance_weighted_log_likelihood(model, x, 64, seed=5, images_per_batch=20, samples_per_chunk=64,
-                                                     verbose=False, decoder_memory=7 * 64 * vae.decoded_image_bytes(model.decoder))
+                                                     verbose=False, decoder_memory=7 * 64 * 4 * (PIXELS + PIXELS))
     np.testing.assert_allclose(whole, chunked, rtol=1e-5)
     np.testing.assert_allclose(chunked, pieces, rtol=1e-5)
-    np.testing.assert_allclose(chunked, bounded, rtol=1e-5)  # 7 images per call: 20 = 7 + 7 + 6
+    np.testing.assert_allclose(chunked, bounded, rtol=1e-5)  # 7 images per call (a decode's layer
+    # output and the output again: 4 * (5 + 5) bytes): 20 = 7 + 7 + 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +438,8 @@ def test_kl_weight_rises_linearly_over_the_warmup_epochs_then_stays_at_beta():
     assert weights == [0.0, 0.0, 2.0, 2.0, 4.0, 4.0]
     assert vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), beta=0.5).kl_weight(123) == 0.5
     x = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
-    total, terms = model.objective(x, training=False, kl_weight=3.0)
+    terms = model.loss_terms(x, None, training=False)
+    total = vae.weighted_sum(terms, 3.0)
     assert float(total) == pytest.approx(float(terms["reconstruction"]) + 3.0 * float(terms["kl"]), rel=1e-6)
 
 
@@ -523,8 +502,8 @@ def test_every_dtype_policy_keeps_variables_and_loss_in_float32(policy):
     assert {keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables} == {"float32"}
     x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)
     z_mean, z_log_var = model.encoder(x)
-    total, terms = model.objective(x, training=True)
-    outputs = (z_mean, z_log_var, model.decoder(z_mean), total, *terms.values())
+    terms = model.loss_terms(x, None, training=True)
+    outputs = (z_mean, z_log_var, model.decoder(z_mean), vae.weighted_sum(terms, 1.0), *terms.values())
     assert {keras.backend.standardize_dtype(t.dtype) for t in outputs} == {"float32"}
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
     before = [w.copy() for w in model.get_weights()]
@@ -537,9 +516,8 @@ def test_16_bit_policies_compute_the_float32_loss_to_within_a_percent(policy):
     reference, model = dense_model("float32"), dense_model(policy)
     model.set_weights(reference.get_weights())
     x = vae.to_float_images(tiny_digits(64, np.random.default_rng(1))[0])
-    (exact_total, exact_terms), (low_total, low_terms) = (network.objective(x, training=False)
-                                                          for network in (reference, model))
-    for exact, low in zip((exact_total, *exact_terms.values()), (low_total, *low_terms.values())):
+    exact_terms, low_terms = (network.loss_terms(x, None, training=False) for network in (reference, model))
+    for exact, low in zip(exact_terms.values(), low_terms.values()):
         assert float(low) == pytest.approx(float(exact), rel=0.01)
 
 
@@ -557,7 +535,7 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     assert resumed.returncode == 0, resumed.stderr
     metrics = check_finished_run(results_dir, epochs=2)
     assert metrics["config"]["dtype_policy"] == "mixed_bfloat16"
-    model = vae.load_saved_model(results_dir / "model.keras")
+    model = fid.load_model(results_dir / "model.keras")
     assert model.dtype_policy.name == "mixed_bfloat16" and model.decoder.layers[1].compute_dtype == "bfloat16"
     unbroken = run_main("vae.py", *common, "--results-dir", tmp_path / "unbroken", "--epochs", "2",
                           "--dtype-policy", "mixed_bfloat16")
@@ -572,20 +550,13 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
     assert again["test_elbo"] == pytest.approx(metrics["test_elbo"], rel=1e-5)
 
 
-def test_the_cpu_level_is_lowered_to_onednns_isa_cap(monkeypatch):
-    """A run under ONEDNN_MAX_CPU_ISA runs the capped level's kernels, so it records that level."""
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    model, found = vae.cpu_isa()
-    levels = [level for level, _, _ in vae.ISA_LEVELS] + [None]
-    for cap, ceiling in [("DEFAULT", "AVX512_CORE_AMX"), ("NO_SUCH_ISA", "AVX512_CORE_AMX"),
-                         ("SSE41", None), ("AVX2_VNNI", "AVX2"),
-                         ("avx512_core", "AVX512_CORE"), ("AVX512_CORE_BF16", "AVX512_CORE_BF16"),
-                         ("AVX10_1_512", "AVX512_CORE_BF16"), ("AVX512_CORE_AMX", "AVX512_CORE_AMX")]:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        expected = found if levels.index(found) >= levels.index(ceiling) else ceiling
-        assert vae.cpu_isa() == (model, expected), cap
+def test_the_machine_record_names_the_cpu_kind_and_a_kernel_cap(monkeypatch):
+    """float32 digits repeat within a CPU kind, so every metrics.json names it."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    kind = "amx" if " amx_bf16" in flags else "avx512" if " avx512f" in flags else "avx2"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert vae.machine_record()["isa"] == ("other" if found is None else "avx2")
+    record = vae.machine_record()
+    assert record["isa"] == kind and record["onednn_max_cpu_isa"] == "AVX2" and record["cores"] >= 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,14 +585,6 @@ def test_invalid_arguments_exit_2_with_one_line(capsys, args, message):
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and message in stderr
-
-
-@pytest.mark.parametrize("text, kinds", [
-    ("pixel,classifier", ("pixel", "classifier")), ("inception, pixel", ("pixel", "inception")),
-    ("all", ("pixel", "classifier", "inception")), ("none", ()), ("classifier", ("classifier",)),
-])
-def test_fid_option_takes_a_comma_separated_subset(text, kinds):
-    assert vae.fid_kinds(text) == kinds
 
 
 def test_bad_paths_exit_2_before_training(capsys, tmp_path, tiny_mnist):
@@ -684,7 +647,8 @@ def test_a_bad_file_fails_before_training_without_a_traceback(tmp_path):
     start = time.perf_counter()
     result = run_main("vae.py", "--data", tmp_path / "bad.npz", "--results-dir", tmp_path / "out")
     assert result.returncode == 2 and time.perf_counter() - start < 10
-    assert error_lines(result.stderr) == [f"vae.py: error: {tmp_path / 'bad.npz'}: not an .npz file (not a zip archive)"]
+    [line] = error_lines(result.stderr)
+    assert line.startswith(f"vae.py: error: {tmp_path / 'bad.npz'}: not a readable .npz file")
     assert not (tmp_path / "out").exists()  # nothing trained, nothing left
 
 
@@ -713,6 +677,7 @@ def check_finished_run(results_dir, epochs):
         assert math.isfinite(metrics[key]), key
     assert metrics["config"]["latent_dim"] >= 1 and metrics["versions"]["keras"] == keras.__version__
     assert not list(results_dir.glob(".*partial*")), "a temporary file was left behind"
+    assert not (results_dir / "run.lock").exists(), "a finished run left its lock file"
     return metrics
 
 
@@ -721,11 +686,15 @@ def finished_run(tmp_path_factory, tiny_mnist):
     return shared_run(tmp_path_factory, "vae.py", "--data", tiny_mnist, *QUICK)
 
 
-def test_run_writes_every_output(finished_run):
+def test_run_writes_every_output(finished_run, tiny_mnist):
     results_dir, result = finished_run
     metrics = check_finished_run(results_dir, epochs=2)
-    assert metrics["iw_samples"] == 8 and metrics["test_log_likelihood_iw"] >= metrics["test_elbo"] - 1.0
-    assert metrics["active_units"] in (0, 1, 2) and len(metrics["kl_per_dimension"]) == 2
+    model = fid.load_model(results_dir / "model.keras")  # the numbers are the model's, to the digit
+    x_test = vae.to_float_images(vae.load_dataset(tiny_mnist)[2])
+    z_mean, z_log_var = vae.encode(model, x_test)
+    assert metrics["active_units"] == np.sum(np.var(z_mean.astype(np.float64), axis=0) > 0.01)
+    estimate = vae.importance_weighted_log_likelihood(model, x_test, 8, seed=0, verbose=False)
+    assert metrics["iw_samples"] == 8 and metrics["test_log_likelihood_iw"] == float(np.mean(estimate))
     assert sum(metrics["kl_per_dimension"]) == pytest.approx(metrics["test_kl"], rel=1e-5)
     assert re.search(r"active_units +\d  latent dimensions in use", result.stdout)
     assert re.search(r"kl_per_dimension +[\d.]+, [\d.]+  nats per image", result.stdout)
@@ -737,18 +706,18 @@ def test_run_writes_every_output(finished_run):
     assert "kid_classifier_samples" in result.stdout and "coverage_classifier_samples" in result.stdout
     assert not any(key.endswith("_pixel_recon") and not key.startswith("fid") for key in metrics)
     assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
-    assert "Dense VAE: 2 epochs" in result.stdout and "pixel FID of the reconstructions (the original's metric)" in result.stdout
+    assert "Dense VAE: 2 epochs" in result.stdout and re.search(r"fid_pixel_recon +[\d.]+\n", result.stdout)
     assert re.search(r"test_kl +[\d.]+  nats per image", result.stdout)  # units beside the numbers
 
 
 def test_saved_model_reloads_with_the_same_reconstructions(finished_run, tiny_mnist):
     results_dir, _ = finished_run
-    model = vae.load_saved_model(results_dir / "model.keras")
+    model = fid.load_model(results_dir / "model.keras")
     x_test = vae.to_float_images(vae.load_dataset(tiny_mnist)[2])
     metrics = json.loads((results_dir / "metrics.json").read_text())
     reconstructions, terms = vae.evaluate_elbo(model, x_test, seed=0)
     assert float(-np.mean(terms["reconstruction"] + terms["kl"])) == pytest.approx(metrics["test_elbo"], rel=1e-5)
-    again, _ = vae.evaluate_elbo(vae.load_saved_model(results_dir / "model.keras"), x_test, seed=0)
+    again, _ = vae.evaluate_elbo(fid.load_model(results_dir / "model.keras"), x_test, seed=0)
     np.testing.assert_array_equal(reconstructions, again)
 
 
@@ -828,7 +797,7 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     assert rows[0].startswith("epoch,") and len(rows) - 1 >= 2 and (tmp_path / "loss_curves.png").is_file()
     second = run_main("vae.py", *args[2:], "--resume")  # a second terminal, the same directory
     assert second.returncode == 2
-    assert f"in use by a run still going (process {process.pid})" in error_lines(second.stderr)[0]
+    assert "in use by a run still going" in error_lines(second.stderr)[0]
     process.send_signal(sig)
     stdout, _ = process.communicate(timeout=120)
     if sig == signal.SIGINT:
@@ -843,8 +812,7 @@ def test_interrupted_run_resumes_to_the_end(tmp_path, tiny_mnist, sig):
     assert result.returncode == 0, result.stderr  # the dead process's lock is taken over
     assert "resuming from epoch" in result.stdout
     check_finished_run(tmp_path, epochs=epochs)
-    assert sorted(path.name for path in tmp_path.glob("checkpoint-epoch*.keras")) == [
-        f"checkpoint-epoch{epochs - 1}.keras", f"checkpoint-epoch{epochs}.keras"]  # latest, and one before
+    assert [path.name for path in tmp_path.glob("checkpoint-epoch*.keras")] == [f"checkpoint-epoch{epochs}.keras"]
 
 
 def test_resume_completes_a_run_interrupted_during_its_evaluation(tmp_path, tiny_mnist, monkeypatch):
@@ -875,7 +843,7 @@ def test_resumed_run_learns_exactly_what_an_unbroken_run_learns(finished_run, tm
     unbroken = json.loads((finished_run[0] / "checkpoint.json").read_text())["history"]
     resumed = json.loads((tmp_path / "checkpoint.json").read_text())["history"]
     assert resumed == unbroken  # weights, optimizer, random streams and the data order all carry over
-    for a, b in zip(*(vae.load_saved_model(folder / "model.keras").get_weights() for folder in (finished_run[0], tmp_path))):
+    for a, b in zip(*(fid.load_model(folder / "model.keras").get_weights() for folder in (finished_run[0], tmp_path))):
         np.testing.assert_array_equal(a, b)
     assert resumed["loss"] == [r + k for r, k in zip(np.float32(resumed["reconstruction_loss"]),
                                                      np.float32(resumed["kl_loss"]))]  # the sum of its terms
@@ -924,8 +892,8 @@ def test_diverging_loss_stops_with_a_message(tmp_path, tiny_mnist):
 def test_non_finite_epoch_keeps_the_last_good_checkpoint(finished_run, tmp_path):
     results_dir, _ = finished_run
     state = json.loads((results_dir / "checkpoint.json").read_text())
-    checkpoints = vae.Checkpoints(results_dir, state["config"], resumed_from=state)
-    checkpoints.set_model(vae.load_saved_model(results_dir / state["model_file"]))
+    checkpoints = vae.RunCallback(results_dir, state["config"], state, "VAE", "nats", None, None, None, False)
+    checkpoints.set_model(fid.load_model(results_dir / state["model_file"]))
     checkpoints.on_epoch_begin(2)
     checkpoints.on_epoch_end(2, {"loss": float("nan"), "val_loss": 1.0})
     assert checkpoints.model.stop_training and checkpoints.diverged_epoch == 3
@@ -1007,7 +975,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_no_partial_file(monkeypatch, tm
     assert state["epochs_done"] == 1 and (tmp_path / state["model_file"]).is_file()
     assert "the last complete one (1 epoch) is intact" in error  # what is on disk, not epoch 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-epoch1.keras", "checkpoint.json", "history.csv",
-                                                         "loss_curves.png", "progress_frames.npy", "run.lock"]
+                                                         "loss_curves.png", "progress_frames.npy"]
 
 
 def test_one_class_data_trains_and_evaluates(tmp_path):
@@ -1024,7 +992,7 @@ def test_one_class_data_trains_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = check_finished_run(tmp_path / "run", epochs=1)
     assert math.isfinite(metrics["fid_classifier_samples"])
-    model = vae.load_saved_model(tmp_path / "run" / "model.keras")
+    model = fid.load_model(tmp_path / "run" / "model.keras")
     x = vae.to_float_images(x_test)
     starts, _, ends, row_labels = vae.interpolate(model, x, np.full(32, 3), vae.encode(model, x)[0],
                                                   vae.DATASETS["mnist"][2])
@@ -1043,21 +1011,10 @@ def test_a_truncated_checkpoint_is_named_unreadable(finished_run, tmp_path, tiny
     state = json.loads((tmp_path / "checkpoint.json").read_text())
     checkpoint = tmp_path / state["model_file"]
     checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
-    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", "3",
-                      "--resume")
+    result = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", "3", "--resume")
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert f"{checkpoint.name}: unreadable model file (truncated or damaged" in line
-    assert "the checkpoint of epoch 1 before it is intact: add --from-previous-checkpoint" in line
-    resumed = run_main("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, "--epochs", "3",
-                       "--resume", "--from-previous-checkpoint", "--fid", "none",
-                       "--iw-samples", "0")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from epoch 1 of 3" in resumed.stdout
-    history = (tmp_path / "history.csv").read_text().splitlines()
-    assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]
-    assert sorted(path.name for path in tmp_path.glob("checkpoint-epoch*.keras")) == [
-        "checkpoint-epoch2.keras", "checkpoint-epoch3.keras"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1082,7 +1039,7 @@ def test_a_conditional_run_resumes_exactly(tmp_path, tiny_mnist):
     unbroken, resumed = (json.loads((tmp_path / folder / "checkpoint.json").read_text())["history"]
                          for folder in ("unbroken", "resumed"))
     assert resumed == unbroken
-    for a, b in zip(*(vae.load_saved_model(tmp_path / folder / "model.keras").get_weights()
+    for a, b in zip(*(fid.load_model(tmp_path / folder / "model.keras").get_weights()
                       for folder in ("unbroken", "resumed"))):
         np.testing.assert_array_equal(a, b)
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
@@ -1102,7 +1059,7 @@ def test_samples_are_of_the_class_asked_for_unless_the_decoder_ignores_the_label
     metrics = json.loads((results_dir / "metrics.json").read_text())
     assert metrics["label_accuracy"] > 0.5  # chance: 0.1 (the tiny data's classifier: about 0.8)
     assert len(metrics["fid_classifier_per_class"]) == 10 and len(metrics["kid_classifier_per_class"]) == 10
-    model = vae.load_saved_model(results_dir / "model.keras")
+    model = fid.load_model(results_dir / "model.keras")
     classifier = fid.load_or_train_classifier(*vae.load_dataset(tiny_mnist), verbose=False)
     assert label_accuracy(model, classifier) > 0.5
     z = np.zeros((2, 2), np.float32)
@@ -1128,5 +1085,5 @@ def test_a_model_saved_before_the_conditional_option_still_loads(finished_run, t
     with zipfile.ZipFile(tmp_path / "old.keras", "w") as old:
         for name, data in files.items():
             old.writestr(name, data)
-    model = vae.load_saved_model(tmp_path / "old.keras")
+    model = fid.load_model(tmp_path / "old.keras")
     assert model.classes == 0

@@ -16,9 +16,10 @@ of the matmul peak (bench_training.py's FLOP count and peak).
 
 import argparse
 import json
-import resource
-import subprocess
 import os
+import resource
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,24 +33,28 @@ CONFIG_DEFAULTS = {"beta": 1.0, "kl_warmup_epochs": 0, "activation": "relu", "hi
 
 
 def estimate(results_dir, policy, num_samples, test_size, data, decoder_mb=None):
-    """One estimate in this process: mean log-likelihood, seconds, peak resident MB."""
+    """One estimate in this process: mean log-likelihood, seconds, peak resident MB, GFLOP."""
     import numpy as np
 
     import conv_vae
+    import fid
     import vae
+    from bench_training import likelihood_gflop
 
     metrics = json.loads((results_dir / "metrics.json").read_text())
     config = argparse.Namespace(**{**CONFIG_DEFAULTS, **metrics["config"], "dtype_policy": policy})
     architecture = conv_vae.CONV if metrics["model"] == conv_vae.CONV.title else vae.DENSE
-    x_test = vae.to_float_images(vae.load_dataset(data, config.dataset)[2][:test_size])
+    _, _, x_test, y_test = vae.load_dataset(data, config.dataset)
+    x_test = vae.to_float_images(x_test[:test_size])
     model = vae.build_model(config, architecture, x_test.shape[1:])
-    model(x_test[:1])
-    model.set_weights(vae.load_saved_model(results_dir / "model.keras").get_weights())
+    condition = vae.one_hot(y_test[:test_size], model.classes) if model.classes else None
+    model((x_test[:1], condition[:1]) if model.classes else x_test[:1])
+    model.set_weights(fid.load_model(results_dir / "model.keras").get_weights())
     start = time.perf_counter()
     log_likelihood = vae.importance_weighted_log_likelihood(
         model, x_test, num_samples, seed=0, xla=architecture.xla, verbose=False,
-        decoder_memory=vae.IW_DECODER_MEMORY if decoder_mb is None else decoder_mb * 2**20)
-    from bench_training import likelihood_gflop
+        decoder_memory=vae.IW_DECODER_MEMORY if decoder_mb is None else decoder_mb * 2**20,
+        condition=condition)
     return {"mean": float(np.mean(log_likelihood)), "seconds": time.perf_counter() - start,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "gflop": likelihood_gflop(model.encoder, model.decoder, len(x_test), num_samples)}
@@ -71,6 +76,12 @@ def main():
                                   args.test_size, args.data,
                                   args.decoder_mb[0] if args.decoder_mb else None)))
         return
+    import vae  # here: the --case processes import it themselves
+
+    machine = vae.machine_record()
+    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['isa']}, "
+          f"ONEDNN_MAX_CPU_ISA={machine['onednn_max_cpu_isa'] or 'unset'}; command: "
+          f"{shlex.join(['python', *sys.argv])}", flush=True)
     if args.decoder_mb:
         time_decoder_bounds(args)
         return
@@ -106,6 +117,7 @@ def case(args, results_dir, policy, num_samples, decoder_mb=None):
 def time_decoder_bounds(args):
     """Seconds of each estimate at each --decoder-mb bound, float32 and bfloat16."""
     from bench_training import matmul_peak_gflops
+
     peaks = {"float32": matmul_peak_gflops("float32"),
              "mixed_bfloat16": matmul_peak_gflops("bfloat16")}
     print(f"matmul peak: {peaks['float32']:.0f} GFLOP/s float32, "
