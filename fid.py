@@ -81,7 +81,8 @@ def check_images(images, *, flat_allowed=False) -> np.ndarray:
     images = np.asarray(images)
     images = images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
     if images.ndim != 3 and not (flat_allowed and images.ndim == 2):
-        shapes = "(N, H, W), (N, H, W, 1)" + (" or (N, D)" if flat_allowed else "")
+        shapes = ("(N, H, W), (N, H, W, 1) or (N, D)" if flat_allowed
+                  else "(N, H, W) or (N, H, W, 1)")
         raise ValueError(f"expected grayscale images shaped {shapes}, got shape {images.shape}")
     if len(images) < 2:
         raise ValueError(f"need at least 2 images for a covariance, got {len(images)}")
@@ -103,7 +104,8 @@ def statistics_from_features(features, kind) -> Statistics:
     """Mean and covariance (np.cov, N - 1) of an (N, d) feature matrix, in float64."""
     features = np.asarray(features, dtype=np.float64)
     if kind not in FEATURE_KINDS or features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"need (N >= 2, d) {FEATURE_KINDS} features, got {features.shape} {kind}")
+        raise ValueError(f"need an (N >= 2, d) feature matrix and a kind of {FEATURE_KINDS}, "
+                         f"got {features.shape} and {kind!r}")
     return Statistics(features.mean(axis=0), np.cov(features, rowvar=False), len(features), kind)
 
 
@@ -174,9 +176,10 @@ def default_cache_dir() -> Path:
 
 def fingerprint(array, network=None) -> str:
     """sha256 of an array (bytes, shape, dtype) and of the network's weights and dtype policy."""
-    array, weights = np.ascontiguousarray(array), "" if network is None else network.weights_sha256
+    array = np.ascontiguousarray(array)
+    weights = "" if network is None else network.weights_sha256
     if network is not None and network.dtype_policy.name != "float32":
-        weights += f"|{network.dtype_policy.name}"
+        weights += f"|{network.dtype_policy.name}"  # its features differ from float32's
     digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}|{weights}|".encode())
     digest.update(array.tobytes())
     return digest.hexdigest()
@@ -191,7 +194,7 @@ def compute_features(images, kind, network=None, batch_size=50, cache_dir=None,
                          f"got {kind!r}")
     network = load_inception() if kind == "inception" and network is None else network
     images = np.asarray(images)
-    path = cache_dir and Path(cache_dir) / f"{kind}-features-{fingerprint(images, network)}.npz"
+    path = cache_dir and Path(cache_dir, f"{kind}-features-{fingerprint(images, network)}.npz")
     if path and path.exists():
         try:
             features = read_npz(path)["features"]
@@ -248,9 +251,11 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
     """KID, the unbiased (so possibly negative) MMD^2 with kernel (x.y / d + 1)^3, as (mean, ddof=0
     std) over random subsets, as in torch-fidelity; reuse (test_set_parts) keeps a's sums."""
     a, b = check_feature_sets(features_a, features_b)
-    if not 2 <= subset_size <= min(len(a), len(b)):
-        raise ValueError(f"subset_size {subset_size} is not in 2 to the smaller set's size: "
+    if subset_size > min(len(a), len(b)):
+        raise ValueError(f"subset_size {subset_size} is larger than a set: "
                          f"{len(a)} and {len(b)} features")
+    if subset_size < 2:
+        raise ValueError(f"subset_size must be at least 2, got {subset_size}")
     rng, m = np.random.default_rng(seed), subset_size
     reuse = {} if reuse is None else reuse
     estimates = np.empty(subsets)
@@ -362,18 +367,21 @@ def build_classifier(train_images, train_labels, seed=CLASSIFIER_RECIPE["seed"])
                          f"{MIN_CLASSIFIER_IMAGE_SIDE}x{MIN_CLASSIFIER_IMAGE_SIDE} pixels, "
                          f"got {height}x{width}")
     classes = int(np.max(train_labels)) + 1
-    initializer = [keras.initializers.GlorotUniform(seed=seed + index) for index in range(5)]
+
+    def initializer(index):
+        return keras.initializers.GlorotUniform(seed=seed + index)
+
     inputs = keras.Input((height, width, 1), name="image")
-    h = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=initializer[1],
+    h = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=initializer(1),
                             name="conv1")(inputs)
     h = keras.layers.MaxPooling2D(name="pool1")(h)
-    h = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=initializer[2],
+    h = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=initializer(2),
                             name="conv2")(h)
     h = keras.layers.MaxPooling2D(name="pool2")(h)
     h = keras.layers.Flatten(name="flatten")(h)
-    h = keras.layers.Dense(128, activation="relu", kernel_initializer=initializer[3],
+    h = keras.layers.Dense(128, activation="relu", kernel_initializer=initializer(3),
                            name="features")(h)
-    logits = keras.layers.Dense(classes, kernel_initializer=initializer[4], name="logits")(h)
+    logits = keras.layers.Dense(classes, kernel_initializer=initializer(4), name="logits")(h)
     return keras.Model(inputs, logits, name="digit_classifier")
 
 
@@ -394,7 +402,8 @@ def classifier_input(images):
 
 
 def train_classifier(train_images, train_labels, test_images, test_labels, verbose=True):
-    """The classifier trained by CLASSIFIER_RECIPE from seeded NumPy orders, with test_accuracy."""
+    """The classifier trained by CLASSIFIER_RECIPE, with test_accuracy set. Each epoch's order is a
+    seeded NumPy permutation, so the weights depend on the data only."""
     import keras
     import tensorflow as tf
     images, labels = check_images(train_images), np.asarray(train_labels).astype(np.int32)
@@ -465,7 +474,7 @@ def load_or_train_classifier(train_images, train_labels, test_images, test_label
                     print(f"fid: using {what} classifier {known} "
                           f"(test accuracy {model.test_accuracy:.2%})", file=sys.stderr)
                 return model
-            except (UsageError, ValueError) as error:  # trained again and replaced
+            except (UsageError, ValueError, OSError) as error:  # trained again and replaced
                 if verbose:
                     print(f"fid: ignoring {what} classifier: {error}", file=sys.stderr)
     model = train_classifier(train_images, train_labels, test_images, test_labels, verbose)
@@ -532,22 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--features", choices=FEATURE_KINDS, default="inception",
         help="Inception pool features (the standard FID), the penultimate layer of a digit "
              "classifier (see --classifier), or raw pixels (default: %(default)s)")
-    add("--classifier", metavar="PATH", help="with --features classifier: a .keras classifier, "
-        "such as one vae.py cached for other data (default: MNIST's committed one)")
-    add("--inception-weights", default="imagenet", metavar="WEIGHTS", help='"imagenet" '
-        "(downloaded by Keras) or a Keras weights file, for machines without internet")
+    add("--classifier", metavar="PATH",
+        help="with --features classifier: a .keras classifier (default: MNIST's committed one)")
+    add("--inception-weights", default="imagenet", metavar="WEIGHTS",
+        help='"imagenet" (downloaded by Keras) or a Keras weights file, for machines offline')
     add("--batch-size", type=positive_int, default=50, help="images per Inception forward pass")
-    add("--max-samples", type=positive_int, metavar="N",
-        help="use only the first N images of each set (statistics files are used as they are)")
+    add("--max-samples", type=positive_int, metavar="N", help="the first N images of each set only")
     add("--key", default="images", help="the array of an .npz that holds several")
-    add("--kid", action="store_true", help="also print the kernel distance (KID): mean ± "
-        "standard deviation over random subsets")
+    add("--kid", action="store_true", help="also print the kernel distance (KID): mean ± std")
     add("--kid-subsets", type=positive_int, default=100, metavar="N",
         help="random subsets the KID averages over (default: %(default)s)")
     add("--kid-subset-size", type=positive_int, metavar="N", help="samples in each KID subset "
         f"(default: {KID_SUBSET_SIZE}, or the smaller set's size)")
-    add("--prdc", action="store_true", help="also print precision, recall, density and "
-        "coverage, with A as the real set and B as the generated one")
+    add("--prdc", action="store_true", help="also print B's precision, recall, density, coverage")
     add("--prdc-k", type=positive_int, default=5, metavar="K",
         help="nearest neighbour whose distance is a sample's radius (default: %(default)s)")
     return parser
@@ -662,7 +668,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # treats the run, and where this machine keeps its files. Every other option of the model, data
 # and architecture groups defines it (--epochs aside: it extends a run); sweep.py sets the first
 # kind itself and passes the second on as each worker's own.
-INVOCATION_OPTIONS = ("resume", "overwrite", "evaluate_only", "from_previous_checkpoint", "model")
+INVOCATION_OPTIONS = ("resume", "overwrite", "evaluate_only", "model")
 MACHINE_OPTIONS = ("data", "inception_weights")
 
 
@@ -778,7 +784,9 @@ def progress_bar(total, unit_name="image", verbose=True):
         def update(self, *args, **kwargs):
             with contextlib.redirect_stdout(sys.stderr):
                 super().update(*args, **kwargs)
-    return StderrProgbar(total, verbose=int(verbose), unit_name=unit_name)
+    # A log file gets one line at the end (verbose=2), as Keras' fit writes there.
+    return StderrProgbar(total, verbose=verbose and (1 if sys.stderr.isatty() else 2),
+                         unit_name=unit_name)
 
 
 def atomic_write(path, write):

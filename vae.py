@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import matplotlib
 import numpy as np
+import scipy
 
 import fid
 import plot_utils
@@ -243,9 +245,9 @@ class VAE(keras.Model):
             self.kl_weight_tracker.update_state(kl_weight)
 
     def logs(self):
-        """loss (the terms' means, the KL's weighted: a total tracked on its own was rearranged by
-        TensorFlow's graph optimizer from process to process, and differed in its last bit from
-        the terms' sum), then each term's mean, then the KL weight when it is not 1."""
+        """The loss, as the weighted sum of the terms' means (a total tracked on its own was
+        rearranged by TensorFlow's graph optimizer, and differed in its last bit from it), each
+        term's mean and, when it is not 1, the KL weight."""
         means = {name: tracker.result() for name, tracker in self.term_trackers.items()}
         kl_weight = self.kl_weight_tracker.result() if self.weighted else 1.0
         return {"loss": weighted_sum(means, kl_weight),
@@ -425,8 +427,7 @@ def one_hot(labels, classes):
 
 
 def balanced_labels(count, classes):
-    """0, 1, ..., classes - 1, 0, 1, ...: the labels a conditional VAE's samples are asked for."""
-    return np.arange(count) % classes
+    return np.arange(count) % classes  # 0, 1, ..., classes - 1, 0, 1, ...: what samples ask for
 
 
 def binarize_once(x, seed):
@@ -482,18 +483,18 @@ def train(model, args, architecture, title, results_dir, x_train, x_test, state,
         model.fit(**fit_data, epochs=args.epochs, initial_epoch=run.epochs_done,
                   callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{count_of(checkpointed_epochs(results_dir), 'complete epoch')} "
+        raise KeyboardInterrupt(f"{count_of(run.saved_epochs, 'complete epoch')} "
                                 f"checkpointed in {results_dir}.\nresume with: {resume_command}"
                                 ) from None
     except OSError as e:  # the disk filled up while writing a checkpoint, say
-        saved = count_of(checkpointed_epochs(results_dir), "epoch")
+        saved = count_of(run.saved_epochs, "epoch")
         raise RunFailed(f"cannot write a checkpoint in {results_dir} ({e.strerror or e}); the last "
                         f"complete one ({saved}) is intact. Free space, then: {resume_command}"
                         ) from None
     if run.diverged_epoch:
-        saved = checkpointed_epochs(results_dir)
-        kept = (f"the last good checkpoint ({count_of(saved, 'epoch')}) is kept in {results_dir}"
-                if saved else "no epoch completed, so there is no checkpoint")
+        kept = (f"the last good checkpoint ({count_of(run.saved_epochs, 'epoch')}) is kept in "
+                f"{results_dir}" if run.saved_epochs else "no epoch completed, so there is no "
+                "checkpoint")
         raise RunFailed(f"the loss became NaN or infinite in epoch {run.diverged_epoch}; "
                         f"training stopped and {kept}. Try a smaller --learning-rate.")
     return run
@@ -833,7 +834,10 @@ def run(args, architecture, run_defining, resume_command):
         metrics = {"model": title, "epochs": len(seconds_per_epoch), "config": run_config(args),
                    "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                            / 1024),
-                   "versions": library_versions(), "machine": machine_record(),
+                   "versions": {"python": platform.python_version(), **{
+                       module.__name__: module.__version__
+                       for module in (tf, keras, np, scipy, matplotlib)}},
+                   "machine": machine_record(),
                    "seconds_per_epoch": [round(s, 3) for s in seconds_per_epoch]}
         for name in (name for name in history or {} if name.endswith("loss")
                      and not name.startswith("val_")):
@@ -872,20 +876,23 @@ def main(argv=None, architecture=None):
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """What a model script gives the run: its networks, their options and its defaults."""
+    """What a model script gives the run: its name (in messages and the resume command), title
+    and --help line; its networks, (args, image_shape, classes) -> keras.Model, x -> (z_mean,
+    z_log_var) and z -> x_hat in [0, 1], and their options; its defaults; whether XLA and grouped
+    batches pay (for dense layers; CPU convolutions under XLA are many times slower); the image
+    sides its decoder can rebuild (multiples of image_side_multiple)."""
 
-    script: str  # the program's name in messages and in the resume command
-    title: str  # in figures and the summary
-    description: str  # --help's first line
-    build_encoder: Callable  # (args, image_shape, classes) -> keras.Model: x -> (z_mean, z_log_var)
-    build_decoder: Callable  # (args, image_shape, classes) -> keras.Model: z -> x_hat in [0, 1]
-    add_options: Callable  # (argparse group): the networks' options (they define a run)
+    script: str
+    title: str
+    description: str
+    build_encoder: Callable
+    build_decoder: Callable
+    add_options: Callable
     epochs: int
     batch_size: int
-    iw_samples: int  # the default K of the likelihood estimate
-    xla: bool  # XLA and grouped batches (make_datasets): faster for dense layers, many times
-    # slower for CPU convolutions
-    image_side_multiple: int = 1  # the decoder rebuilds only image sides that are multiples
+    iw_samples: int
+    xla: bool
+    image_side_multiple: int = 1
 
 
 # ---- The results folder: refuse to clobber a run, check what the run needs --------------------
@@ -1121,6 +1128,7 @@ class RunCallback(keras.callbacks.Callback):
         self.history = dict(resumed_from["history"]) if resumed_from else {}
         self.seconds_per_epoch = list(resumed_from["seconds_per_epoch"]) if resumed_from else []
         self.frames = list(read_frames(results_dir)[:self.epochs_done])
+        self.saved_epochs = self.epochs_done  # what the checkpoint on disk holds
         self.writer = tensorboard and tf.summary.create_file_writer(
             str(results_dir / "tensorboard" / "progress"))
         self.diverged_epoch, self.curves_drawn, self.curves_seconds = None, -math.inf, 0.0
@@ -1153,6 +1161,7 @@ class RunCallback(keras.callbacks.Callback):
             "epochs_done": self.epochs_done, "model_file": model_file, "config": self.config,
             "history": self.history, "seconds_per_epoch": self.seconds_per_epoch,
             "random_states": [variable.numpy().tolist() for variable in random_states(self.model)]})
+        self.saved_epochs = self.epochs_done
         for old in self.results_dir.glob("checkpoint-epoch*.keras"):
             if old.name != model_file:
                 old.unlink(missing_ok=True)
@@ -1206,14 +1215,6 @@ def read_checkpoint(results_dir):
                          "use --overwrite to start again") from None
 
 
-def checkpointed_epochs(results_dir):
-    """The epochs of the checkpoint on disk (what a message may promise is saved), 0 if none."""
-    try:
-        return (read_checkpoint(results_dir) or {}).get("epochs_done", 0)
-    except UsageError:
-        return 0
-
-
 def restore_checkpoint(results_dir, state):
     """The checkpointed model with its random generators where they were."""
     model = fid.load_model(results_dir / state["model_file"])
@@ -1257,27 +1258,15 @@ def machine_record():
     """The CPU that made a run: float32 results repeat to the last digit on one kind of CPU
     (isa: the widest of oneDNN's instruction sets it has) and differ in late digits across kinds;
     ONEDNN_MAX_CPU_ISA, when set, caps the kernels oneDNN runs."""
-    flags = model = ""
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            model = model or (value.strip() if key.strip() == "model name" else "")
-            flags = flags or (value if key.strip() == "flags" else "")
-    flags = set(flags.split())
-    isa = next((kind for kind, flag in (("amx", "amx_bf16"), ("avx512", "avx512f"),
-                                        ("avx2", "avx2")) if flag in flags), "other")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model or platform.processor() or platform.machine(), "isa": isa,
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "cores": cores}
-
-
-def library_versions():
-    import matplotlib
-    import scipy
-
-    return {"python": sys.version.split()[0], "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "matplotlib": matplotlib.__version__}
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = {key.strip(): value.strip() for key, _, value in
+              (line.partition(":") for line in cpuinfo.split("\n\n")[0].splitlines())}
+    flags = fields.get("flags", "").split()
+    return {"cpu": fields.get("model name", platform.machine()),
+            "isa": next((kind for kind, flag in (("amx", "amx_bf16"), ("avx512", "avx512f"),
+                                                 ("avx2", "avx2")) if flag in flags), "other"),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "cores": len(os.sched_getaffinity(0))}
 
 
 # ---- Speed: grouped batches under XLA (--plain trains without: the same maths) --------------

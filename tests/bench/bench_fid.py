@@ -5,7 +5,7 @@
 - the digit classifier: training it on the 60,000 training images in an empty cache (target <= 60
   s, test accuracy >= 99.0%), then a classifier FID of 10,000 vs 10,000 images (target <= 5 s);
 - Inception feature throughput with random weights (target >= 10 images/s):
-  fid.inception_statistics end to end, and its tf.function against the same with
+  fid.compute_features end to end, and its tf.function against the same with
   jit_compile=True and plain model.predict;
 - frechet_distance on 2048-d statistics, i.e. the scipy sqrtm every Inception FID pays;
 - Inception in mixed_bfloat16 against float32 with the same weights (`--inception-weights FILE`,
@@ -76,9 +76,9 @@ def bench_classifier():
           f"(target <= 60 s); test accuracy {classifier.test_accuracy:.2%} (target >= 99.0%)")
     images = data[2]
     noisy = noisy_copy(images)
-    distance, seconds = timed(lambda: fid.frechet_distance(
-        fid.compute_statistics(images, "classifier", classifier),
-        fid.compute_statistics(noisy, "classifier", classifier)))
+    distance, seconds = timed(lambda: fid.frechet_distance(*(
+        fid.statistics_from_features(fid.compute_features(x, "classifier", classifier), "classifier")
+        for x in (images, noisy))))
     print(f"classifier FID, MNIST test set vs noisy copy ({len(images)} vs {len(noisy)}): "
           f"{distance:.4f} in {seconds:.2f} s (target <= 5 s)")
 
@@ -90,9 +90,9 @@ def bench_inception_throughput():
     images = images[:INCEPTION_IMAGES]
     model = fid.load_inception(None)
     print(f"Inception features, random weights, {len(images)} images, batch size {BATCH_SIZE}:")
-    _, seconds = timed(fid.inception_statistics, images, model, batch_size=BATCH_SIZE,
+    _, seconds = timed(fid.compute_features, images, "inception", model, batch_size=BATCH_SIZE,
                        verbose=False)
-    print(f"  fid.inception_statistics, end to end with tracing: "
+    print(f"  fid.compute_features, end to end with tracing: "
           f"{len(images) / seconds:.1f} images/s")
 
     def extractor(jit_compile):
@@ -156,11 +156,12 @@ def bench_inception_bfloat16(weights, count=1000):
     for policy in ("float32", "mixed_bfloat16"):
         model = fid.load_inception(weights, dtype_policy=policy)
         model.set_weights(reference.get_weights())
-        fid.inception_statistics(images[:BATCH_SIZE], model, batch_size=BATCH_SIZE,
-                                 verbose=False)  # traces
+        fid.compute_features(images[:BATCH_SIZE], "inception", model, batch_size=BATCH_SIZE,
+                             verbose=False)  # traces
         start = time.perf_counter()
-        statistics = [fid.inception_statistics(x, model, batch_size=BATCH_SIZE, verbose=False)
-                      for x in (images, noisy)]
+        statistics = [fid.statistics_from_features(fid.compute_features(
+            x, "inception", model, batch_size=BATCH_SIZE, verbose=False), "inception")
+            for x in (images, noisy)]
         seconds = time.perf_counter() - start
         distances[policy] = fid.frechet_distance(*statistics)
         print(f"  {policy:15s}: FID {distances[policy]:.4f}, "
