@@ -139,8 +139,10 @@ def parse_args(argv=None):
     add("--pruner", choices=("median", "hyperband", "none"), default="median",
         help="stop runs whose test loss trails the median at that epoch, or Hyperband's rungs")
     add("--max-time-ratio", type=fid.positive_float, metavar="R",
-        help=f"prune trials whose epochs take over R times the baseline's ({BASELINE_EPOCHS} timed)")
-    add("--baseline", metavar="FLAGS", help="the baseline's flags (default: the flags after --)")
+        help="prune trials whose epochs take over R times the baseline's, which each worker "
+             f"times on {BASELINE_EPOCHS} epochs")
+    add("--baseline", metavar="FLAGS", help="the baseline's flags as one argument; none: the "
+                                            "flags after --")
     add("--baseline-every", type=fid.non_negative_int, default=10, metavar="MINUTES",
         help="time the baseline again before a trial once its timing is this old")
     add("--figure", metavar="PNG", help="with --report: draw the study's history and importances")
@@ -162,14 +164,14 @@ def parse_args(argv=None):
         return args
     if args.baseline is not None and not args.max_time_ratio:
         parser.error("--baseline is the reference of --max-time-ratio: give both")
-    if not args.script:
-        parser.error("--script is required to run a sweep")
-    names = [f"--{entry['name']}" for entry in args.space]
-    taken = [word.split("=")[0] for word in args.script_args + names
-             if word.split("=")[0] in RESERVED_FLAGS + LOCAL_FLAGS]
-    if taken or len(set(names)) < len(names):
-        parser.error(f"{(taken or names)[0]}: set by the sweep (--seeds, --sweeps-dir), or given "
-                     "twice")
+    if not args.script or not Path(args.script).is_file():
+        parser.error(f"--script {args.script}: no such file (a sweep runs one)")
+    flags = [word.split("=")[0] for word in args.script_args if word.startswith("--")] + [
+        f"--{entry['name']}" for entry in args.space]
+    taken = [f for f in flags if flags.count(f) > 1 or f in RESERVED_FLAGS + LOCAL_FLAGS]
+    if taken:
+        parser.error(f"{taken[0]}: set by the sweep (--seeds, --sweeps-dir), or given twice (in "
+                     "--space and after --)")
     return args
 
 
@@ -187,8 +189,8 @@ def open_storage(args):
     for attempt in range(5):
         try:
             storage = optuna.storages.RDBStorage(
-                args.url, engine_kwargs=sqlite, grace_period=args.heartbeat,
-                heartbeat_interval=max(1, args.heartbeat // 4), heartbeat_stale_trial_callback=RETRY)
+                args.url, engine_kwargs=sqlite, heartbeat_interval=max(1, args.heartbeat // 4),
+                grace_period=args.heartbeat, heartbeat_stale_trial_callback=RETRY)
             break
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
             if attempt == 4 or not (isinstance(e, sqlalchemy.exc.IntegrityError)
@@ -336,36 +338,42 @@ def time_baseline(args, sweep):
 
 
 def time_ratio(trial, seconds, earlier, baseline):
-    """Records the run's seconds per epoch and, with a time budget, returns their ratio to the
+    """Records the run's seconds per epoch and, with a timed baseline, returns their ratio to the
     baseline's: those of this sitting (a resumed run's earlier epochs ran beside another baseline,
     maybe on another machine), or with too few of them the earlier sitting's ratio."""
     trial.set_user_attr("epoch_seconds", round(seconds_per_epoch(seconds), 4))
-    if baseline is None:
+    if "seconds" not in baseline:
         return None
     if len(seconds) - earlier <= TIMED_EPOCHS and "time_ratio" in trial.user_attrs:
         return trial.user_attrs["time_ratio"]
-    trial.set_user_attr("time_ratio", round(seconds_per_epoch(seconds[earlier:]) / baseline, 4))
-    return trial.user_attrs["time_ratio"]
+    ratio = seconds_per_epoch(seconds[earlier:] or seconds) / baseline["seconds"]
+    trial.set_user_attr("time_ratio", round(ratio, 4))
+    return ratio
 
 
 def run_trial(trial, args, sweep, baseline):
-    """One trial: its configuration through the script, each epoch's test loss reported; with a
-    time budget, its time per epoch against the baseline's seconds."""
+    """One trial: its configuration through the script, each epoch's test loss reported. With a
+    time budget, its time per epoch against the baseline's (this worker's last timing: {"seconds",
+    "timed"}), timed again once --baseline-every minutes old, as a shared machine's speed drifts."""
     queued_as, budget = trial.user_attrs.get("queued_as"), sweep.get("max_time_ratio")
     if queued_as is None and is_grid(sweep["space"]):
         raise NothingQueued()
-    params = {name: trial.suggest_categorical(name, sampled.choices) if isinstance(
-        sampled, CategoricalDistribution) else (trial.suggest_int if isinstance(
-            sampled, IntDistribution) else trial.suggest_float)(
-                name, sampled.low, sampled.high, log=sampled.log)
-              for name, sampled in space_distributions(sweep["space"]).items()}
+    params = {}
+    for name, sampled in space_distributions(sweep["space"]).items():
+        if isinstance(sampled, CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, sampled.choices)
+        else:
+            suggest = trial.suggest_int if isinstance(sampled, IntDistribution) else \
+                trial.suggest_float
+            params[name] = suggest(name, sampled.low, sampled.high, log=sampled.log)
     seed = trial.suggest_categorical("seed", sweep["seeds"])
     retry = "results_dir" in trial.user_attrs  # a copy of a dead or interrupted worker's trial
     if not retry and queued_as in (None, "new configuration"):
         trial.set_user_attr("queued_as", "new configuration")
-        for other in sweep["seeds"][1:]:
-            trial.study.enqueue_trial({**params, "seed": other},
-                                      user_attrs={"queued_as": "other seed"})
+        for other in sweep["seeds"]:
+            if other != seed:
+                trial.study.enqueue_trial({**params, "seed": other},
+                                          user_attrs={"queued_as": "other seed"})
     flags = [*sweep["args"], *(word for name, value in params.items() for word in (
         f"--{name}", f"{value:.4g}" if isinstance(value, float) else str(value)))]
     results_dir = Path(trial.user_attrs.get("results_dir")
@@ -395,6 +403,8 @@ def run_trial(trial, args, sweep, baseline):
     pruned = None
     if not (retry and (results_dir / "metrics.json").is_file()):  # else its run had finished
         try:
+            if budget and time.monotonic() - baseline["timed"] > 60 * args.baseline_every:
+                baseline.update(seconds=time_baseline(args, sweep), timed=time.monotonic())
             code, pruned = run_script(command + ["--resume"] * resumed, results_dir, on_epoch)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run checkpointed; queue it again
             RETRY(trial.study, trial.study.get_trials(deepcopy=False)[trial.number])
@@ -416,10 +426,10 @@ def run_trial(trial, args, sweep, baseline):
         seconds = metrics.get("seconds_per_epoch") or []
         attrs = {key: value for key, value in metrics.items()
                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        for key, value in dict(attrs, train_seconds=round(sum(seconds)),
-                               latent_dim=metrics["config"]["latent_dim"],  # float32 results
-                               cpu=metrics.get("machine", {}).get("isa")).items():  # differ by
-            trial.set_user_attr(key, value)  # CPU kind
+        attrs.update(train_seconds=round(sum(seconds)), latent_dim=metrics["config"]["latent_dim"],
+                     cpu=metrics.get("machine", {}).get("isa"))  # float32 results differ by CPU
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         if seconds:
             time_ratio(trial, seconds, earlier, baseline)
     trial.set_user_attr("seconds", round(time.perf_counter() - start))
@@ -432,10 +442,8 @@ def run_trial(trial, args, sweep, baseline):
 
 def work(args, study):
     """Take queued trials (for a range, sample new configurations) until the study has none left;
-    while other workers' trials run, wait, since a dead worker's trial comes back. The baseline
-    is timed again once --baseline-every minutes old: a shared machine's speed drifts."""
-    sweep = study.user_attrs["sweep"]
-    baseline, timed, waited = None, -math.inf, False
+    while other workers' trials run, wait, since a dead worker's trial comes back."""
+    sweep, baseline, waited = study.user_attrs["sweep"], {"timed": -math.inf}, False
     while True:
         trials = study.get_trials(deepcopy=False)
         states = [trial.state for trial in trials]
@@ -457,8 +465,6 @@ def work(args, study):
             time.sleep(max(1, args.heartbeat // 4))
             optuna.storages.fail_stale_trials(study)
             continue
-        if "max_time_ratio" in sweep and time.monotonic() - timed > 60 * args.baseline_every:
-            baseline, timed = time_baseline(args, sweep), time.monotonic()
         study.optimize(lambda trial: run_trial(trial, args, sweep, baseline), n_trials=1,
                        catch=(RunFailed, NothingQueued), callbacks=[print_outcome])
 
@@ -533,7 +539,7 @@ def report_table(study):
         values = [trial.value for trial in trials]
         digits = fid.RUN_METRICS[objective].table_digits
         cells = [script, f"`{flags}`" if flags else "(defaults)", trials[0].user_attrs["epochs"],
-                 ",".join(str(seed) for seed in sorted(trial.user_attrs["seed"] for trial in trials)),
+                 ",".join(str(seed) for seed in sorted(t.user_attrs["seed"] for t in trials)),
                  number(statistics.median(values), digits) + value_range(values, digits)]
         for metric in others:
             cells.append(number(median(trials, metric), fid.RUN_METRICS[metric].table_digits))
@@ -567,8 +573,11 @@ def importances(study):
     """Each parameter's share in a good objective (PED-ANOVA: no scikit-learn needed), among those
     the complete trials vary (the seed aside); {} with too few trials to say."""
     complete = ended(study)
-    names = [name for name in dict.fromkeys(name for trial in complete for name in trial.params)
-             if name != "seed" and len({trial.params.get(name) for trial in complete}) > 1]
+    values = collections.defaultdict(set)
+    for trial in complete:
+        for name, value in trial.params.items():
+            values[name].add(value)
+    names = [name for name, seen in values.items() if name != "seed" and len(seen) > 1]
     if len(complete) < IMPORTANCE_MIN_TRIALS or not names:
         return {}
     return optuna.importance.get_param_importances(
@@ -635,10 +644,14 @@ def import_csv(study, path, objective=DEFAULT_OBJECTIVE, space=(), max_time_rati
     objective = study.user_attrs.get("sweep", {}).get("objective", objective)
     runs = []
     for row in rows:
-        words = row["flags"].split() + ["--"]
-        runs.append({**{word[2:]: True if value.startswith("--") else choice(value)
-                        for word, value in zip(words, words[1:]) if word.startswith("--")},
-                     "seed": int(row["seed"])})
+        words = (row.get("flags") or "").split() + ["--"]
+        try:
+            runs.append({**{word[2:]: True if value.startswith("--") else choice(value)
+                            for word, value in zip(words, words[1:]) if word.startswith("--")},
+                         "seed": int(row["seed"])})
+        except (KeyError, ValueError, TypeError):
+            raise UsageError(f"{path}: a row without the script, flags and seed of a run "
+                             f"({', '.join(CSV_COLUMNS[:3])})") from None
     if "sweep" not in study.user_attrs:
         study.set_user_attr("sweep", {"objective": objective, "imported": Path(path).name,
                                       **({"max_time_ratio": max_time_ratio} if max_time_ratio
@@ -681,6 +694,7 @@ def export_csv(study, path):
 
 
 def study_from_csv(path):
+    """An in-memory study of a CSV's runs: what `--import-csv` then `--report` print."""
     study = optuna.create_study(direction=direction(DEFAULT_OBJECTIVE))
     import_csv(study, path)
     return study
@@ -693,32 +707,41 @@ def run(args):
                                     direction=direction(args.objective))
         added = import_csv(study, args.import_csv, args.objective, args.space,
                            args.max_time_ratio)
-        return print(f"study {args.study}: {added} run(s) of {args.import_csv} added "
-                     f"({state_counts(study)})")
-    if args.report or args.export_csv:
+        print(f"study {args.study}: {added} run(s) of {args.import_csv} added "
+              f"({state_counts(study)})")
+    elif args.report or args.export_csv:
         try:
             study = optuna.load_study(study_name=args.study, storage=storage)
+            study.user_attrs["sweep"]
         except KeyError:
-            raise UsageError(f"no study {args.study} in {shown(args.url)}") from None
+            raise UsageError(f"no study {args.study} of sweep.py in {shown(args.url)}") from None
         if args.report:
-            return print_report(study, args)
-        export_csv(study, args.export_csv)
-        return print(f"study {args.study}: its complete and pruned trials written to "
-                     f"{args.export_csv} ({state_counts(study)})")
-    study = open_study(args, storage)
-    print(f"[sweep] study {args.study} in {shown(args.url)}: {state_counts(study)}", flush=True)
-    work(args, study)
-    where = (["--storage", shown(args.storage)] if args.storage else
-             ["--sweeps-dir", args.sweeps_dir] if args.sweeps_dir != "results/sweeps" else [])
-    print(f"[sweep] study {args.study} done ({state_counts(study)}); its table: "
-          + shlex.join([sys.executable, "sweep.py", "--study", args.study, "--report", *where]))
+            print_report(study, args)
+        else:
+            export_csv(study, args.export_csv)
+            print(f"study {args.study}: its complete and pruned trials written to "
+                  f"{args.export_csv} ({state_counts(study)})")
+    else:
+        study = open_study(args, storage)
+        print(f"[sweep] study {args.study} in {shown(args.url)}: {state_counts(study)}",
+              flush=True)
+        work(args, study)
+        where = (["--storage", shown(args.storage)] if args.storage else
+                 ["--sweeps-dir", args.sweeps_dir] if args.sweeps_dir != "results/sweeps" else [])
+        print(f"[sweep] study {args.study} done ({state_counts(study)}); its table: "
+              + shlex.join([sys.executable, "sweep.py", "--study", args.study, "--report", *where]))
 
 
 def main(argv=None):
     """Every failure is one line and an exit code: 2 for bad input, 130 for an interrupt."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a polite kill requeues too
-    return fid.exit_code("sweep.py", lambda: run(args), interrupted="no trial was running")
+    def work():
+        try:
+            run(args)
+        except OSError as e:  # a file of the sweep's own: the CSV or figure written
+            raise UsageError(f"{e.filename}: {e.strerror}") from None
+    return fid.exit_code("sweep.py", work, interrupted="no trial was running")
 
 
 if __name__ == "__main__":

@@ -102,28 +102,22 @@ def test_fashion_mnist_runs_with_clothing_names(tmp_path, tiny_mnist):
     assert "T-shirt/top \N{RIGHTWARDS ARROW} Dress" in row_labels  # class 0 to class 3
 
 
-def test_unreadable_paths_are_usage_errors(tmp_path, tiny_mnist):
+@pytest.mark.parametrize("damage, message", [
+    ("noise", "noise.npz: not a readable .npz file"), ("absent", "absent.npz: no such file"),
+    ("no labels", "missing t10k-labels-idx1-ubyte"), ("truncated", "header says shape"),
+    ("magic", "magic number 0x0803"),
+])
+def test_unreadable_files_are_usage_errors(tmp_path, tiny_mnist, damage, message):
     (tmp_path / "noise.npz").write_bytes(os.urandom(500))
-    with pytest.raises(vae.UsageError, match="noise.npz: not a readable .npz file"):
-        vae.load_dataset(tmp_path / "noise.npz")
-    with pytest.raises(vae.UsageError, match="no such file"):
-        vae.load_dataset(tmp_path / "absent.npz")
-    folder = write_idx_folder(tmp_path / "idx", tiny_mnist)
-    (folder / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(vae.UsageError, match="missing t10k-labels-idx1-ubyte"):
-        vae.load_dataset(folder)
-
-
-def test_bad_idx_files_are_usage_errors(tmp_path, tiny_mnist):
     folder = write_idx_folder(tmp_path / "idx", tiny_mnist)
     images = folder / "train-images-idx3-ubyte"
-    good = images.read_bytes()
-    images.write_bytes(good[:-100])
-    with pytest.raises(vae.UsageError, match="header says shape"):
-        vae.load_dataset(folder)
-    images.write_bytes(b"\x00\x00\x08\x01" + good[4:])
-    with pytest.raises(vae.UsageError, match="magic number"):
-        vae.load_dataset(folder)
+    if damage == "no labels":
+        (folder / "t10k-labels-idx1-ubyte").unlink()
+    elif damage in ("truncated", "magic"):
+        good = images.read_bytes()
+        images.write_bytes(good[:-100] if damage == "truncated" else b"\x00\x00\x08\x01" + good[4:])
+    with pytest.raises(vae.UsageError, match=message):
+        vae.load_dataset({"noise": tmp_path / "noise.npz", "absent": tmp_path / "absent.npz"}.get(damage, folder))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,20 +261,6 @@ def test_hidden_layers_and_activation_shape_both_networks():
     assert len(hidden) == 6 and {layer.get_config()["activation"] for layer in hidden} == {"gelu"}
     assert decoder.layers[-2].units == 784 and decoder.layers[-2].get_config()["activation"] == "sigmoid"
     assert [layer.name for layer in encoder.layers[-2:]] == ["z_mean", "z_log_var"]
-
-
-def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
-    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="relu", learning_rate=2e-3,
-                              lr_schedule="cosine", epochs=4, xla=False, plain=False)
-    model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), updates_per_epoch=5)
-    model(np.zeros((1, 28, 28, 1), np.float32))
-    vae.compile_model(model, args, args.xla)
-    model.optimizer.build(model.trainable_variables)
-    rates = []
-    for updates in (0, 10, 20, 25):
-        model.optimizer.iterations.assign(updates)
-        rates.append(float(model.optimizer.learning_rate))
-    assert rates == pytest.approx([2e-3, 1e-3, 0.0, 0.0], abs=1e-9)
 
 
 def interrupt_after_epochs(monkeypatch, epochs):
@@ -546,8 +526,7 @@ def test_dtype_policy_is_saved_with_the_run_and_kept_on_resume(tmp_path, tiny_mn
                            "--results-dir", tmp_path / "other", "--evaluate-only", "--model", results_dir / "model.keras")
     assert evaluated.returncode == 0, evaluated.stderr
     again = json.loads((tmp_path / "other" / "metrics.json").read_text())
-    assert again["config"]["dtype_policy"] == "mixed_bfloat16"
-    assert again["test_elbo"] == pytest.approx(metrics["test_elbo"], rel=1e-5)
+    assert again["config"]["dtype_policy"] == "mixed_bfloat16" and again["test_elbo"] == metrics["test_elbo"]
 
 
 def test_the_machine_record_names_the_cpu_kind_and_a_kernel_cap(monkeypatch):
@@ -708,17 +687,6 @@ def test_run_writes_every_output(finished_run, tiny_mnist):
     assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
     assert "Dense VAE: 2 epochs" in result.stdout and re.search(r"fid_pixel_recon +[\d.]+\n", result.stdout)
     assert re.search(r"test_kl +[\d.]+  nats per image", result.stdout)  # units beside the numbers
-
-
-def test_saved_model_reloads_with_the_same_reconstructions(finished_run, tiny_mnist):
-    results_dir, _ = finished_run
-    model = fid.load_model(results_dir / "model.keras")
-    x_test = vae.to_float_images(vae.load_dataset(tiny_mnist)[2])
-    metrics = json.loads((results_dir / "metrics.json").read_text())
-    reconstructions, terms = vae.evaluate_elbo(model, x_test, seed=0)
-    assert float(-np.mean(terms["reconstruction"] + terms["kl"])) == pytest.approx(metrics["test_elbo"], rel=1e-5)
-    again, _ = vae.evaluate_elbo(fid.load_model(results_dir / "model.keras"), x_test, seed=0)
-    np.testing.assert_array_equal(reconstructions, again)
 
 
 def test_evaluate_only_reproduces_the_metrics(finished_run, tmp_path, tiny_mnist):
