@@ -13,6 +13,7 @@ coverage (Kynkäänniemi et al. 2019, Naeem et al. 2020), which tell fidelity fr
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import json
 import math
@@ -268,6 +269,12 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_
         estimates[index] = ((reuse[key] + polynomial_kernel_sum(y, y)) / (m * (m - 1))
                             - 2 * polynomial_kernel_sum(x, y) / m**2)
     return float(estimates.mean()), float(estimates.std())
+
+
+def kid_text(mean, std):
+    """KID as fid.py and a run's summary print it: the unbiased MMD^2 in the features' own units
+    (no scale factor), and its standard deviation over the subsets."""
+    return f"{mean:.4g} ± {std:.2g} (MMD², features unscaled)"
 
 
 def fewest_images(kinds):
@@ -642,7 +649,7 @@ def run_command(args) -> None:
     print(f"FID ({args.features}): {distance:.4f}")
     if args.kid:
         mean, std = kernel_distance(*features, args.kid_subsets, subset_size)
-        print(f"KID ({args.features}): {mean:.5g} ± {std:.2g}")
+        print(f"KID ({args.features}): {kid_text(mean, std)}")
     if args.prdc:
         metrics = precision_recall_density_coverage(*features, k=args.prdc_k)
         print("  ".join(f"{name} {value:.3f}" for name, value in metrics.items())
@@ -702,7 +709,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        misspelt = re.match(r"unrecognized arguments: (-[^ =]+)", message)
+        options = [option for action in self._actions for option in action.option_strings]
+        close = misspelt and difflib.get_close_matches(misspelt[1], options, n=1)
+        self.exit(2, f"{self.prog}: error: {message}"
+                     + (f" (did you mean {close[0]}?)" if close else "") + "\n")
 
 
 def argument_type(name, convert, accepted, requirement):

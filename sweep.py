@@ -379,7 +379,7 @@ def run_trial(trial, args, sweep, baseline):
     results_dir = Path(trial.user_attrs.get("results_dir")
                        or Path(args.sweeps_dir, args.study, f"trial-{trial.number}"))
     for key, value in dict(script=sweep["script"], flags=" ".join(flags), seed=seed,
-                           results_dir=str(results_dir),
+                           results_dir=str(results_dir), local_flags=shlex.join(args.local_args),
                            worker=f"{os.uname().nodename}:{os.getpid()}").items():
         trial.set_user_attr(key, value)
     command = [sys.executable, sweep["script"], *flags, *args.local_args,
@@ -597,8 +597,10 @@ def print_report(study, args):
     for (script, flags), trials in best_first(study):
         if script not in best and not over_time_budget(study, median(trials, "time_ratio")):
             best.add(script)
-            command = shlex.join([sys.executable, script, *shlex.split(flags), *args.local_args])
-            print(f"best {script}: `{command}` ({objective}: median "
+            local = args.local_args or shlex.split(trials[0].user_attrs.get("local_flags") or "")
+            command = shlex.join([sys.executable, script, *shlex.split(flags), *local])
+            print(f"best {script}: `{command}`{'' if local else ' (offline: add --data PATH)'} "
+                  f"({objective}: median "
                   f"{statistics.median(trial.value for trial in trials):.4g} over seeds "
                   f"{','.join(str(trial.user_attrs['seed']) for trial in trials)})")
     if args.figure:

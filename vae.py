@@ -776,6 +776,8 @@ def print_summary(title, metrics, results_dir):
         if key in metrics:
             values = metrics[key] if isinstance(metrics[key], list) else [metrics[key]]
             text = ", ".join("null" if value is None else f"{value:.{digits}f}" for value in values)
+            if key.startswith("kid_") and f"{key}_std" in metrics:
+                text = fid.kid_text(metrics[key], metrics[f"{key}_std"])
             print(f"  {key:30s} {text:>10s}  {unit}".rstrip())
     if metrics.get("seconds_per_epoch"):
         print(f"  {'median seconds per epoch':30s} {np.median(metrics['seconds_per_epoch']):10.2f}")

@@ -464,14 +464,14 @@ def test_cli_kid_and_prdc_on_the_same_features(image_files, capsys):
     mean, std = fid.kernel_distance(*features, subsets=5, subset_size=100)
     metrics = fid.precision_recall_density_coverage(*features, k=3)
     assert code == 0 and out.splitlines() == [
-        f"FID (pixel): {fid.pixel_fid(image_files.a, image_files.b):.4f}", f"KID (pixel): {mean:.5g} ± {std:.2g}",
+        f"FID (pixel): {fid.pixel_fid(image_files.a, image_files.b):.4f}", f"KID (pixel): {fid.kid_text(mean, std)}",
         "  ".join(f"{name} {metrics[name]:.3f}" for name in ("precision", "recall", "density", "coverage")) + " (k=3)"]
     assert "KID subsets of 100 samples, the smaller set's size (default 1000)" in err
 
     code, out, err = run_main(["--features", "pixel", "--kid", "--kid-subset-size", "50", "--kid-subsets", "5",
                                image_files.a_npz, image_files.b_npz], capsys)
     mean, std = fid.kernel_distance(*features, subsets=5, subset_size=50)
-    assert (code, out.splitlines()[1]) == (0, f"KID (pixel): {mean:.5g} ± {std:.2g}") and "KID subsets" not in err
+    assert (code, out.splitlines()[1]) == (0, f"KID (pixel): {fid.kid_text(mean, std)}") and "KID subsets" not in err
 
 
 def bad_inputs(files):

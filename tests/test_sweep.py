@@ -431,7 +431,7 @@ def test_an_imported_study_has_its_runs_ranges_or_its_search_space_and_time_budg
     assert distributions["batch-size"] == CategoricalDistribution([64, 128, 256])
     assert distributions["beta"] == FloatDistribution(0.03, 1.0, log=True)
     code, out, _ = run_sweep("--study", "s", *storage, "--report")  # the last run: over budget
-    assert code == 0 and "--batch-size 256 --beta 0.1` (fid_pixel_recon: median 12" in out
+    assert code == 0 and "--batch-size 256 --beta 0.1` (offline: add --data PATH) (fid_pixel_recon: median 12" in out
     code, _, err = run_sweep("--study", "t", *storage, "--import-csv", study_csv,
                              "--space", "beta=0.1:1.0")
     assert code == 2 and "`--epochs 30 --batch-size 256 --beta 0.05` lies outside --space" in err
@@ -463,6 +463,8 @@ def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, m
     assert trial.intermediate_values[2] == pytest.approx(
         metrics["final_test_reconstruction_loss"] + metrics["final_test_kl_loss"], rel=1e-5)
     assert trial.intermediate_values[2] > metrics["final_test_loss"] + 0.01
+    out = run_sweep("--study", "real", *sweeps, "--report")[1]  # the runs' --data, to paste as is
+    assert f"vae.py {shlex.join([*flags, '--hidden-dim', '16', '--data', str(tiny_mnist)])}`" in out
     assert run_sweep("--study", "real", *sweeps, "--export-csv", tmp_path / "runs.csv")[0] == 0
     [row] = sweep.read_csv(tmp_path / "runs.csv")
     assert (row["flags"], row["seed"], row["epochs"], float(row["fid_pixel_recon"])) == (
