@@ -5,7 +5,7 @@
     python sweep.py --study dense-z2 --report
 
 One worker per core or machine, all on one study; each trial a run of the script in its own
-process, pruned by SIGINT (it checkpoints and exits 130). results/README.md, "Sweeps", tells more.
+process, pruned by SIGINT (it checkpoints and exits 130). results/studies/sweeps.md tells more.
 """
 
 import argparse

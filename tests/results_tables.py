@@ -1,8 +1,8 @@
-"""The markdown tables of the committed results, printed from their files, so that README.md and
-results/README.md cannot drift from them (tests/test_readme.py checks both documents).
+"""The markdown tables of the committed results, printed from their files, so that README.md,
+results/README.md and results/studies/ cannot drift from them (tests/test_readme.py checks them).
 
-    python tests/results_tables.py            # print all three tables
-    python tests/results_tables.py --write    # put them into README.md and results/README.md
+    python tests/results_tables.py            # print the tables
+    python tests/results_tables.py --write    # put them into their documents
 
 Each table sits in its document between `<!-- NAME -->` and `<!-- /NAME -->`.
 """
@@ -20,17 +20,19 @@ import fid  # noqa: E402
 import sweep  # noqa: E402
 from sweep import number  # noqa: E402
 
-# The committed runs, in the README's order: folder under results/, and what the row is.
+# The committed runs, in the README's order: folder under results/, what the row is, and the
+# sweep.py options of the study that ran its configuration over the seeds of results/seeds.csv.
 RUNS = [
-    ("vae", "dense, as the original"),
-    ("vae_tuned", "dense, tuned"),
-    ("vae_budget", "dense, swept at ≤ 2x time"),
-    ("conv_vae", "conv, as the original"),
-    ("conv_vae_tuned", "conv, tuned"),
-    ("fashion_vae", "dense, Fashion-MNIST"),
-    ("cvae", "dense, conditional"),
+    ("vae", "dense, as the original", "--study dense-original"),
+    ("vae_tuned", "dense, tuned", "--study dense-tuned"),
+    ("vae_budget", "dense, swept at ≤ 2x time", "--study dense-budget-low-beta-best "
+     "--max-time-ratio 2 --baseline='--latent-dim 2 --epochs 30' --baseline-every 0 --pruner none"),
+    ("conv_vae", "conv, as the original", "--study conv-original"),
+    ("conv_vae_tuned", "conv, tuned", "--study conv-tuned"),
+    ("fashion_vae", "dense, Fashion-MNIST", None),
+    ("cvae", "dense, conditional", None),
 ]
-# Committed for their figures beside a row's example: results/README.md shows them.
+# Committed for their figures beside a row's example: results/studies/collapse.md shows them.
 OTHER_EXAMPLES = ["conv_vae_amx"]  # seed 0 of conv, as the original, on the AMX CPU
 ORIGINAL_PIXEL_FID = {"vae.py": "20.359", "conv_vae.py": "15.511"}  # the original's README
 ALWAYS_SHOWN = ("latent_dim", "epochs")  # in every command, as the original gives them
@@ -96,62 +98,63 @@ def shown(metrics, key):
     return number(metrics.get(key), fid.RUN_METRICS[key].table_digits)
 
 
-def kid(metrics, images="samples", std=True):
-    """KID in the classifier's features (with its standard deviation over subsets)."""
-    if f"kid_classifier_{images}" not in metrics:
-        return "—"
-    mean = shown(metrics, f"kid_classifier_{images}")
-    return f"{mean} ± {number(metrics[f'kid_classifier_{images}_std'])}" if std else mean
-
-
-def manifold(metrics, names=("precision", "recall", "density", "coverage"), images="samples"):
-    """The k-NN manifold metrics in the classifier's features, joined by " / "."""
-    keys = [f"{name}_classifier_{images}" for name in names]
-    return " / ".join(shown(metrics, key) for key in keys) if keys[0] in metrics else "—"
-
-
-def cpu(metrics, model=False):
+def cpu(metrics):
     """The CPU kind that made the run (avx2, avx512, amx: float32 results differ across kinds in
-    their late digits), after its model name with model=True."""
-    machine = metrics.get("machine")
-    if machine is None:
-        return "—"
-    return f"{machine['cpu']} ({machine['isa']})" if model else machine["isa"]
+    their late digits)."""
+    return metrics.get("machine", {}).get("isa", "—")
 
 
-def seed_runs():
-    """results/seeds.csv's runs by script and options (as options() gives them)."""
+def sources():
+    """Per README row: its folder, label, study options and metrics.json, and its runs: over its
+    seeds in results/seeds.csv where that holds runs of its command (their trials), else its own."""
     study = sweep.study_from_csv(ROOT / "results" / "seeds.csv")
-    return {(script, same_options(script, flags)): trials
-            for (script, flags), trials in sweep.configurations(study).items()}
+    seeds = {(script, same_options(script, flags)): trials
+             for (script, flags), trials in sweep.configurations(study).items()}
+    for folder, label, options_of_study in RUNS:
+        m = load_metrics(folder)
+        architecture = architecture_of(m)
+        trials = seeds.get((architecture.script, options(m["config"], architecture)), [])
+        runs = [trial.user_attrs for trial in trials] or [
+            {**m, "seed": m["config"]["seed"], "latent_dim": m["config"]["latent_dim"],
+             "cpu": cpu(m)}]
+        yield (folder, label, options_of_study, m, trials, runs,
+               ", ".join(str(seed) for seed in sorted(run["seed"] for run in runs)),
+               "/".join(sorted({str(run["cpu"]) for run in runs})))
 
 
 def readme_table():
-    """One row per committed example: over its seeds in results/seeds.csv where that holds runs of
-    its command, else its own run (seed 0)."""
+    """One row per committed example: over its seeds, else its own run (seed 0)."""
     rows = ["| run | seeds | pixel FID, reconstructions | original | classifier FID, samples | "
             "test ELBO | log p(x) | both latent dimensions used | CPU | command |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    seeds = seed_runs()
-    for folder, label in RUNS:
-        m = load_metrics(folder)
-        architecture = architecture_of(m)
-        script, flags = architecture.script, options(m["config"], architecture)
+    for folder, label, _, m, _, runs, seeds, cpus in sources():
+        script = architecture_of(m).script
         original = (ORIGINAL_PIXEL_FID[script] if m["config"]["dataset"] == "mnist"
                     and not m["config"].get("conditional") else "—")  # the original's models
         if "label_accuracy" in m:
             label += f" (label accuracy {shown(m, 'label_accuracy')})"
-        runs = [trial.user_attrs for trial in seeds.get((script, flags), [])] or [
-            {**m, "seed": m["config"]["seed"], "latent_dim": m["config"]["latent_dim"],
-             "cpu": cpu(m)}]
-        rows.append(f"| {label} | {', '.join(str(seed) for seed in sorted(run['seed'] for run in runs))} | "
-                    f"{spread(runs, 'fid_pixel_recon')} | {original} | "
+        rows.append(f"| {label} | {seeds} | {spread(runs, 'fid_pixel_recon')} | {original} | "
                     f"{spread(runs, 'fid_classifier_samples', ranged=False)} | "
                     f"{spread(runs, 'test_elbo', ranged=False)} | "
                     f"{spread(runs, 'test_log_likelihood_iw', ranged=False)} "
                     f"(K={m.get('iw_samples', '—')}) | {sweep.dimensions_used(runs)} | "
-                    f"{'/'.join(sorted({str(run['cpu']) for run in runs}))} | "
-                    f"`{command(m, folder)}` |")
+                    f"{cpus} | `{command(m, folder)}` |")
+    return "\n".join(rows)
+
+
+def index_table():
+    """results/README.md's index: each README row's pixel FID, what made it, and where it is."""
+    rows = ["| README row | pixel FID | made by | seeds | numbers in | CPU "
+            "| example (seed 0): CPU, pixel FID |", "|---|---|---|---|---|---|---|"]
+    for folder, label, study, m, trials, runs, seeds, cpus in sources():
+        ratio = sweep.median(trials, "time_ratio") if trials else None
+        made = (f"python sweep.py --script {runs[0]['script']} {study} --seeds "
+                f"{seeds.replace(' ', '')} -- {runs[0]['flags']}" if trials else command(m, folder))
+        rows.append(f"| {label} | {spread(runs, 'fid_pixel_recon')}"
+                    + (f", at {number(ratio)}× the original's time per epoch" if ratio else "")
+                    + f" | `{made}` | {seeds} | `results/"
+                    f"{'seeds.csv' if trials else folder + '/metrics.json'}` | {cpus} | "
+                    f"`results/{folder}/`: {cpu(m)}, {shown(m, 'fid_pixel_recon')} |")
     return "\n".join(rows)
 
 
@@ -167,51 +170,40 @@ def spread(runs, key, ranged=True):
     return f"**{median}**" + sweep.value_range(values, digits)
 
 
-def committed_runs_table():
-    rows = ["| folder | CPU | seed | epochs | K | training (s) | evaluation (s) "
-            "| pixel FID recon / samples | classifier FID recon / samples | test ELBO | log p(x) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    manifold_rows = ["| folder | images | KID | precision / recall / density / coverage |",
-                     "|---|---|---|---|"]
-    for folder in [folder for folder, _ in RUNS] + OTHER_EXAMPLES:
+def kid_prdc_table():
+    """Each committed example's FID, KID and k-NN metrics (k = 5) in the classifier's features."""
+    rows = ["| folder | images | classifier FID | KID | precision / recall / density / coverage |",
+            "|---|---|---|---|---|"]
+    for folder in [run[0] for run in RUNS] + OTHER_EXAMPLES:
         m = load_metrics(folder)
-        rows.append(
-            f"| `results/{folder}` | {cpu(m, model=True)} | {m['config']['seed']} | {m['epochs']} "
-            f"| {m.get('iw_samples', '—')} "
-            f"| {sum(m['seconds_per_epoch']):.0f} | {number(m.get('evaluation_seconds'), 0)} "
-            f"| {shown(m, 'fid_pixel_recon')} / {shown(m, 'fid_pixel_samples')} "
-            f"| {shown(m, 'fid_classifier_recon')} / {shown(m, 'fid_classifier_samples')} "
-            f"| {shown(m, 'test_elbo')} | {shown(m, 'test_log_likelihood_iw')} |")
         for images in ("recon", "samples"):
-            manifold_rows.append(f"| `results/{folder}` | {images} | {kid(m, images)} "
-                                 f"| {manifold(m, images=images)} |")
-    return "\n".join([*rows, "", "In the classifier's features (k = 5):", "", *manifold_rows])
+            key = f"_classifier_{images}"
+            manifold = [shown(m, name + key) for name in ("precision", "recall", "density",
+                                                          "coverage")]
+            rows.append(f"| `results/{folder}` | {images} | {shown(m, 'fid' + key)} | "
+                        f"{shown(m, 'kid' + key)} ± {number(m[f'kid{key}_std'])} | "
+                        f"{' / '.join(manifold)} |")
+    return "\n".join(rows)
 
 
-def tuning_table():
-    """`python sweep.py --study NAME --report` of a study holding results/tuning.csv's runs."""
-    return sweep.report_table(sweep.study_from_csv(ROOT / "results" / "tuning.csv"))
+def report(csv_name):  # `python sweep.py --study NAME --report` of a study holding the CSV's runs
+    return lambda: sweep.report_table(sweep.study_from_csv(ROOT / "results" / csv_name))
 
 
-def seeds_table():
-    """The same of results/seeds.csv: each configuration's runs over seeds 0, 1, 2."""
-    return sweep.report_table(sweep.study_from_csv(ROOT / "results" / "seeds.csv"))
-
-
-TABLES = {"results-table": readme_table, "committed-runs-table": committed_runs_table,
-          "tuning-table": tuning_table, "seeds-table": seeds_table}
-DOCUMENTS = {"results-table": ROOT / "README.md",
-             "committed-runs-table": ROOT / "results" / "README.md",
-             "tuning-table": ROOT / "results" / "README.md",
-             "seeds-table": ROOT / "results" / "README.md"}
+STUDIES = ROOT / "results" / "studies"
+TABLES = {"results-table": (ROOT / "README.md", readme_table),  # name: document, table
+          "index-table": (ROOT / "results" / "README.md", index_table),
+          "kid-prdc-table": (STUDIES / "kid-prdc.md", kid_prdc_table),
+          "tuning-table": (STUDIES / "tuning.md", report("tuning.csv")),
+          "seeds-table": (STUDIES / "seeds.md", report("seeds.csv"))}
 
 
 def block(name):
-    return f"<!-- {name} -->\n{TABLES[name]()}\n<!-- /{name} -->"
+    return f"<!-- {name} -->\n{TABLES[name][1]()}\n<!-- /{name} -->"
 
 
 if __name__ == "__main__":
-    for name, document in DOCUMENTS.items():
+    for name, (document, _) in TABLES.items():
         if "--write" in sys.argv:
             text = re.sub(f"<!-- {name} -->\n.*?<!-- /{name} -->", lambda _: block(name),
                           document.read_text(), flags=re.S)

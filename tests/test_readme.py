@@ -1,5 +1,4 @@
-"""README.md and results/README.md: their tables are the committed files' numbers, and their
-commands run as printed in a fresh clone of the repository."""
+"""README.md and results/**.md: tables are the committed files' numbers, commands run in a clone."""
 
 import json
 import os
@@ -14,6 +13,7 @@ import results_tables
 from conftest import ROOT, error_lines, run_main
 
 README = ROOT / "README.md"
+RESULTS_PAGES = [ROOT / "results" / "README.md", *sorted((ROOT / "results").glob("*/*.md"))]
 QUICK_START = ".venv/bin/python vae.py --latent-dim 2 --epochs 30"
 # Appended to each documented command: they only make it smaller (argparse lets the last value win).
 SMALLER = ["--epochs", "1", "--train-size", "128", "--test-size", "64", "--fid", "none",
@@ -45,24 +45,24 @@ def table_in(document, name):
     return match.group(1)
 
 
-@pytest.mark.parametrize("document, name", [
-    (README, "results-table"),
-    (ROOT / "results" / "README.md", "committed-runs-table"),
-    (ROOT / "results" / "README.md", "tuning-table"),
-    (ROOT / "results" / "README.md", "seeds-table"),
-])
-def test_tables_are_what_the_committed_files_say(document, name):
-    assert table_in(document, name) == results_tables.TABLES[name]()
+@pytest.mark.parametrize("name", results_tables.TABLES)
+def test_tables_are_what_the_committed_files_say(name):
+    assert table_in(results_tables.TABLES[name][0], name) == results_tables.TABLES[name][1]()
+
+
+def test_results_pages_link_to_files_that_exist():
+    assert not [(page.name, link) for page in RESULTS_PAGES for link in re.findall(
+        r'(?:\]\(|src=")(?!\w+:)([^)"#]+)', page.read_text()) if not (page.parent / link).exists()]
 
 
 def test_committed_results_hold_no_machine_paths_and_whole_evaluation_times():
-    assert len(README.read_bytes()) <= 12_000
+    assert len(README.read_bytes()) <= 12_000 and len(RESULTS_PAGES[0].read_bytes()) <= 15_000
     for path in sorted((ROOT / "results").glob("*/metrics.json")):
         metrics = json.loads(path.read_text())
         for key in ("data", "results_dir"):
             value = metrics["config"][key]
             assert value is None or not (value.startswith(("/", "..", "~"))), (path, key, value)
-        if "evaluation_seconds" in metrics:  # runs older than its fix leave it out (results/README.md)
+        if "evaluation_seconds" in metrics:  # runs older than its fix leave it out
             parts = metrics.get("iw_seconds", 0) + sum(metrics["fid_seconds"].values())
             assert metrics["evaluation_seconds"] > parts, path
 
@@ -98,14 +98,14 @@ def test_results_table_commands_run_as_printed_in_order(fresh_clone, tiny_mnist,
 
 
 def test_sweep_commands_parse_and_give_each_run_options_of_its_script(monkeypatch):
-    """The sweeps both documents print: sweep.py takes them, and every grid point's command line
+    """The sweeps the documents print: sweep.py takes them, and every grid point's command line
     (the arguments after `--` and the point's flags; a range's ends) is one its script takes."""
     import conv_vae
     import sweep
     import vae
 
     monkeypatch.chdir(ROOT)  # where --script names the scripts
-    text = README.read_text() + (ROOT / "results" / "README.md").read_text()
+    text = "".join(page.read_text() for page in [README, *RESULTS_PAGES])
     start = r"^(?:\.venv/bin/)?python sweep\.py "
     commands = re.findall(start + r"(.+?)(?:\s+#.*)?$", text, re.M)
     assert commands and len(commands) == len(re.findall(start, text, re.M))  # none missed
