@@ -465,8 +465,15 @@ def work(args, study):
             time.sleep(max(1, args.heartbeat // 4))
             optuna.storages.fail_stale_trials(study)
             continue
-        study.optimize(lambda trial: run_trial(trial, args, sweep, baseline), n_trials=1,
-                       catch=(RunFailed, NothingQueued), callbacks=[print_outcome])
+        try:
+            study.optimize(lambda trial: run_trial(trial, args, sweep, baseline), n_trials=1,
+                           catch=(RunFailed, NothingQueued), callbacks=[print_outcome])
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            if isinstance(e, ValueError) and not str(e).startswith("Cannot tell a FAIL trial"):
+                raise
+            print(f"[sweep] another worker failed this worker's trial, its heartbeat {args.heartbeat}"
+                  " s late (an overloaded machine? raise --heartbeat); the copy it queued takes "
+                  "over the run", flush=True)
 
 
 def print_outcome(study, trial):

@@ -216,8 +216,7 @@ class VAE(keras.Model):
 
     def update(self, x, condition):
         if self.binarize == "dynamic":
-            noise = keras.random.uniform(ops.shape(x), seed=self.binarize_seed_generator)
-            x = ops.cast(noise < x, x.dtype)
+            x = bernoulli_pixels(x, self.binarize_seed_generator)
         kl_weight = self.kl_weight(self.optimizer.iterations)
         with tf.GradientTape() as tape:
             terms = self.loss_terms(x, condition, training=True)
@@ -268,6 +267,13 @@ class VAE(keras.Model):
         return cls(**config)
 
 
+def bernoulli_pixels(x, seed_generator):
+    """Binary pixels, 1 with probability their intensity (to 2^-23), drawn afresh at each call by
+    Philox: Keras' default generator, under XLA on a CPU, costs more than the dense network."""
+    seed = ops.cast(seed_generator.next(), "int32")
+    return ops.cast(tf.random.stateless_uniform(ops.shape(x), seed, alg="philox") < x, x.dtype)
+
+
 def log_likelihood_constant(num_pixels, likelihood):
     """What turns the reconstruction error into nats: squared error is -log N(x; x_hat, 1/2) less
     0.5 * log(pi) per pixel (448.7 nats for MNIST); cross-entropy needs nothing."""
@@ -302,9 +308,15 @@ def build_parser(architecture):
     train("--batch-size", type=fid.positive_int, default=architecture.batch_size,
           help="images per step")
     train("--learning-rate", type=fid.positive_float, default=1e-3, help="Adam learning rate")
-    train("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    train("--lr-schedule", choices=("constant", "cosine", "burda"), default="constant",
           help="cosine: decay the learning rate to 0 along a half cosine over the run's --epochs "
-               "(Loshchilov & Hutter, 2017); --resume cannot extend it")
+               "(Loshchilov & Hutter, 2017; --resume cannot extend it); burda: 8 stages of 1, 3, "
+               "..., 2187 epochs (3,280 in all), at the rate times 1, 0.72, ..., 0.1 (Burda et al. "
+               "2016)")
+    train("--adam-beta-1", type=fid.unit_interval, default=0.9,
+          help="decay of Adam's first moment (Burda et al. 2016: 0.99)")
+    train("--adam-epsilon", type=fid.positive_float, default=1e-7,
+          help="added to the root of Adam's second moment (Burda et al. 2016: 1e-4)")
     train("--seed", type=int, default=0, help="seed for weights, shuffling, sampling, evaluation")
     train("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
           help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli binary "
@@ -347,7 +359,8 @@ def build_parser(architecture):
                help="K of the importance-weighted log-likelihood estimate; 0 skips it")
     runs = parser.add_argument_group("outputs and long runs").add_argument
     runs("--results-dir", default=f"results/{Path(architecture.script).stem}",
-         help="where every output and checkpoint goes")
+         help="where every output and checkpoint goes; a run there with a model or checkpoint "
+              "needs --resume, --evaluate-only or --overwrite (the committed examples have none)")
     runs("--tensorboard", action="store_true",
          help="log loss terms and progress frames to <results-dir>/tensorboard/")
     runs("--resume", action="store_true", help="continue the run in --results-dir to --epochs")
@@ -457,7 +470,13 @@ def compile_model(model, args, xla):
     if args.lr_schedule == "cosine":  # a function of the update count: checkpoints keep both
         learning_rate = keras.optimizers.schedules.CosineDecay(
             learning_rate, args.epochs * model.updates_per_epoch)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=xla)
+    elif args.lr_schedule == "burda":  # stage i (from 0) of 3^i epochs at 10^(-i/7), as rounded
+        # in Burda et al.'s code; a boundary's own step keeps the rate before it
+        learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [(3 ** (i + 1) - 1) // 2 * model.updates_per_epoch - 1 for i in range(7)],
+            [learning_rate * round(10 ** (1 - i / 7), 1) / 10 for i in range(8)])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate, beta_1=args.adam_beta_1,
+                                                  epsilon=args.adam_epsilon), jit_compile=xla)
     # Adam's variables now: made inside the first traced step, they would trace it twice.
     model.optimizer.build(model.trainable_variables)
 

@@ -236,6 +236,27 @@ def test_a_terminated_worker_stops_its_run_cleanly_and_queues_its_trial_again(tm
     assert retry.user_attrs["results_dir"] == str(run) and starts(run)[1][1] >= 2  # resumed
 
 
+def test_a_worker_whose_trial_another_failed_goes_on_and_the_queued_copy_resumes_the_run(tmp_path):
+    """What another worker does where a heartbeat is late (an overloaded machine): fail the trial
+    mid-run and queue a copy. This worker says so, stops its run and takes the copy."""
+    args = sweep_args(tmp_path, "late", "loss=1", script_args=["--epochs", "6"])
+    run = tmp_path / "sweeps" / "late" / "trial-0"
+
+    def fail_after_two_epochs():
+        wait_until(lambda: len(sweep.read_history(run)) >= 2)
+        study = load("late", tmp_path)
+        [trial] = study.get_trials(deepcopy=False)
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        sweep.RETRY(study, trial)
+
+    threading.Thread(target=fail_after_two_epochs, daemon=True).start()
+    code, out, err = run_sweep(*args)
+    assert code == 0 and "another worker failed this worker's trial" in out, err
+    failed, retry = load("late", tmp_path).trials
+    assert (failed.state.name, retry.state.name) == ("FAIL", "COMPLETE")
+    assert starts(run)[1][1] >= 2  # resumed
+
+
 def test_pruning_stops_a_run_worse_than_the_median_and_a_failed_run_fails_only_its_trial(
         tmp_path):
     """Five runs complete (the median pruner's start-up), then a hopeless one: stopped by SIGINT

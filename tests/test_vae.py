@@ -204,6 +204,29 @@ def test_gaussian_constant_turns_squared_error_into_a_density():
     assert vae.log_likelihood_constant(784, "bernoulli") == 0
 
 
+def test_dynamic_binarization_draws_bernoulli_pixels_afresh_at_each_call():
+    generator = keras.random.SeedGenerator(0)
+    x = np.tile(np.linspace(0, 1, 11, dtype=np.float32), (20_000, 1))
+    first, second = (keras.ops.convert_to_numpy(vae.bernoulli_pixels(x, generator)) for _ in range(2))
+    np.testing.assert_allclose(first.mean(axis=0), x[0], atol=5 * 0.5 / math.sqrt(20_000))
+    assert first[:, 0].max() == 0 and first[:, -1].min() == 1 and not np.array_equal(first, second)
+
+
+def test_burdas_schedule_and_adam_settings():
+    """Burda et al. (2016): stage i (from 0) of 3^i epochs at 10^(1 - i/7) / 10 of the rate, as
+    their code rounds it; their Adam's beta_1 and epsilon."""
+    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="tanh", learning_rate=1e-3,
+                              lr_schedule="burda", adam_beta_1=0.99, adam_epsilon=1e-4)
+    model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), updates_per_epoch=5)
+    vae.compile_model(model, args, xla=False)
+    rates = []
+    for epoch in (0, 1, 3, 4, 12, 13, 1092, 1093, 3279):
+        model.optimizer.iterations.assign(5 * epoch)
+        rates.append(float(model.optimizer.learning_rate))
+    assert rates == pytest.approx([1e-3, 7.2e-4, 7.2e-4, 5.2e-4, 5.2e-4, 3.7e-4, 1.4e-4, 1e-4, 1e-4], rel=1e-6)
+    assert (model.optimizer.beta_1, model.optimizer.epsilon) == (0.99, 1e-4)
+
+
 def test_binarize_once_draws_bernoulli_pixels():
     x = np.full((100, 28, 28, 1), 0.3, np.float32)
     binary = vae.binarize_once(x, seed=0)
@@ -239,7 +262,7 @@ def test_groups_of_batches_train_exactly_like_one_batch_per_step(tiny_mnist):
     # Graph steps, not XLA (which draws other random numbers, and takes ten seconds to compile
     # here): test_real_mnist_run trains grouped XLA steps.
     for batches_per_step in (1, 4):
-        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3, lr_schedule="constant",
+        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7,
                                   xla=False, plain=False, latent_dim=2, hidden_dim=32, hidden_layers=1, activation="relu")
         keras.utils.set_random_seed(0)
         model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
@@ -469,7 +492,7 @@ def dense_model(policy, likelihood="gaussian"):
                               dtype_policy=policy, beta=1.0, kl_warmup_epochs=0, conditional=False)
     model = vae.build_model(args, vae.DENSE, IMAGE)
     model(np.zeros((1, 28, 28, 1), np.float32))
-    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", plain=False), xla=False)
+    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7, plain=False), xla=False)
     return model
 
 
@@ -679,6 +702,7 @@ def test_run_writes_every_output(finished_run, tiny_mnist):
     assert f"kid_classifier_samples {kid}" in " ".join(result.stdout.split())  # as fid.py prints it
     assert not any(key.endswith("_pixel_recon") and not key.startswith("fid") for key in metrics)
     assert metrics["test_elbo"] == pytest.approx(-(metrics["test_reconstruction"] + metrics["test_kl"]))
+    assert not {"\x1b", "\b", "\r"} & set(result.stdout + result.stderr)  # a log file's plain lines
     assert "Dense VAE: 2 epochs" in result.stdout and re.search(r"fid_pixel_recon +[\d.]+\n", result.stdout)
     assert re.search(r"test_kl +[\d.]+  nats per image", result.stdout)  # units beside the numbers
 

@@ -15,7 +15,6 @@
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,10 +68,8 @@ def bench_classifier():
         return
     with np.load(MNIST_PATH) as mnist:
         data = [mnist[key] for key in ("x_train", "y_train", "x_test", "y_test")]
-    with tempfile.TemporaryDirectory() as cache:
-        classifier, seconds = timed(fid.load_or_train_classifier, *data, cache_dir=cache,
-                                    verbose=False)
-    print(f"classifier: trained on {len(data[0])} images in {seconds:.1f} s, empty cache "
+    classifier, seconds = timed(fid.train_classifier, *data, verbose=False)  # not the committed one
+    print(f"classifier: trained on {len(data[0])} images in {seconds:.1f} s "
           f"(target <= 60 s); test accuracy {classifier.test_accuracy:.2%} (target >= 99.0%)")
     images = data[2]
     noisy = noisy_copy(images)

@@ -239,6 +239,29 @@ def benchmark_model(name, args, x_train, x_test, peaks):
     return results
 
 
+# Burda et al.'s (2016) VAE: vae.py's flags for its network, data and batches.
+BURDA = ["--likelihood", "bernoulli", "--binarize", "dynamic", "--latent-dim", "50",
+         "--hidden-dim", "200", "--hidden-layers", "2", "--activation", "tanh", "--batch-size", "20",
+         "--train-size", "59600"]
+
+
+def burda_epochs(args, rounds=2):
+    """The recipe's seconds per epoch, and the same without its dynamic binarization (the pixels
+    as they are), alternated: what the binarization costs."""
+    print(f"\nBurda et al.'s VAE ({shlex.join(BURDA)}), s/epoch after the first, alternated:")
+    without = [arg if arg != "dynamic" else "none" for arg in BURDA]
+    times = {"recipe": [], "without binarization": []}
+    for _ in range(rounds):
+        for label, flags in (("recipe", BURDA), ("without binarization", without)):
+            seconds = timed_run("vae.py", argparse.Namespace(**{**vars(args), "train_size": None}),
+                                flags)[0]
+            times[label].append(float(np.median(seconds[1:] or seconds)))
+    for label, values in times.items():
+        print(f"  {label:22s} {' '.join(f'{value:6.2f}' for value in values)}")
+    recipe, bare = (min(values) for values in times.values())
+    print(f"  the binarization's share of the recipe's epoch: {(recipe - bare) / recipe:.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("MNIST_NPZ")
@@ -255,11 +278,15 @@ def main():
     parser.add_argument("--likelihood-images", type=int, default=500,
                         help="test images of the timed likelihood estimates (0 skips them)")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--burda", action="store_true",
+                        help="time only Burda et al.'s recipe, with and without its binarization")
     args = parser.parse_args()
     machine = vae.machine_record()
     print(f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['isa']}, "
           f"ONEDNN_MAX_CPU_ISA={machine['onednn_max_cpu_isa'] or 'unset'}; command: "
           f"{shlex.join(['python', *sys.argv])}", flush=True)
+    if args.burda:
+        return burda_epochs(args)
     x_train, _, x_test, _ = vae.load_dataset(args.data)
     x_train = vae.to_float_images(x_train[:args.train_size])
     x_test = vae.to_float_images(x_test[:args.test_size])
