@@ -203,8 +203,11 @@ class VAE(keras.Model):
 
     def train_step(self, data):
         """One Adam update per batch. The grouped data path (make_datasets) hands over a group of
-        batches (one more leading axis), updated in turn inside this one compiled step."""
+        batches (one more leading axis), updated in turn inside this one compiled step. Dynamic
+        binarization draws the whole group's pixels at once (per batch they cost more)."""
         x, condition = self.unpack(data)
+        if self.binarize == "dynamic":
+            x = bernoulli_pixels(x, self.binarize_seed_generator)
         if len(x.shape) == len(self.decoder.output.shape):
             self.update(x, condition)
         else:
@@ -215,8 +218,6 @@ class VAE(keras.Model):
         return self.logs()
 
     def update(self, x, condition):
-        if self.binarize == "dynamic":
-            x = bernoulli_pixels(x, self.binarize_seed_generator)
         kl_weight = self.kl_weight(self.optimizer.iterations)
         with tf.GradientTape() as tape:
             terms = self.loss_terms(x, condition, training=True)
