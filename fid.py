@@ -247,11 +247,11 @@ def polynomial_kernel_sum(x, y):
     return total
 
 
-def kernel_distance(features_a, features_b, subsets=100, subset_size=KID_SUBSET_SIZE, seed=0,
-                    reuse=None):
+def kernel_distance(features_a, features_b, subsets=100, subset_size=None, seed=0, reuse=None):
     """KID, the unbiased (so possibly negative) MMD^2 with kernel (x.y / d + 1)^3, as (mean, ddof=0
     std) over random subsets, as in torch-fidelity; reuse (test_set_parts) keeps a's sums."""
     a, b = check_feature_sets(features_a, features_b)
+    subset_size = subset_size or min(KID_SUBSET_SIZE, len(a), len(b))
     if subset_size > min(len(a), len(b)):
         raise ValueError(f"subset_size {subset_size} is larger than a set: "
                          f"{len(a)} and {len(b)} features")
@@ -592,12 +592,12 @@ def command_line_network(args):
     return classifier
 
 
-def kid_subset_size(args, paths, inputs):
-    """The KID subset size (None without --kid), once --kid and --prdc have what they need."""
+def check_kid_and_prdc(args, paths, inputs):
+    """That --kid and --prdc have what they need, before the slow part."""
     requested = " and ".join(flag for flag, wanted in (("--kid", args.kid), ("--prdc", args.prdc))
                              if wanted)
     if not requested:
-        return None
+        return
     if args.save_stats:
         raise ValueError(f"--save-stats writes one set's statistics: {requested} cannot go with it")
     for path, item in zip(paths, inputs):
@@ -613,7 +613,6 @@ def kid_subset_size(args, paths, inputs):
     if args.kid and (args.kid_subset_size or 0) > min(sizes):
         raise ValueError(f"--kid-subset-size {args.kid_subset_size} is larger than a set: "
                          f"{sizes[0]} and {sizes[1]} images")
-    return (args.kid_subset_size or min(KID_SUBSET_SIZE, *sizes)) if args.kid else None
 
 
 def run_command(args) -> None:
@@ -629,7 +628,7 @@ def run_command(args) -> None:
                 check_images(item, flat_allowed=args.features == "pixel")
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
-    subset_size = kid_subset_size(args, paths, inputs)
+    check_kid_and_prdc(args, paths, inputs)
     if args.save_stats and not Path(args.b).parent.is_dir():
         raise ValueError(f"cannot write {args.b}: its folder does not exist")
     network = None
@@ -648,7 +647,7 @@ def run_command(args) -> None:
     distance = round(frechet_distance(*statistics), 4) + 0.0  # + 0.0: no "-0.0000"
     print(f"FID ({args.features}): {distance:.4f}")
     if args.kid:
-        mean, std = kernel_distance(*features, args.kid_subsets, subset_size)
+        mean, std = kernel_distance(*features, args.kid_subsets, args.kid_subset_size)
         print(f"KID ({args.features}): {kid_text(mean, std)}")
     if args.prdc:
         metrics = precision_recall_density_coverage(*features, k=args.prdc_k)

@@ -721,7 +721,8 @@ def run(args):
     elif args.report or args.export_csv:
         try:
             study = optuna.load_study(study_name=args.study, storage=storage)
-            study.user_attrs["sweep"]
+            if "sweep" not in study.user_attrs:
+                raise KeyError(args.study)
         except KeyError:
             raise UsageError(f"no study {args.study} of sweep.py in {shown(args.url)}") from None
         if args.report:

@@ -674,9 +674,7 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
                     real_statistics, fid.statistics_from_features(fake, kind))
                 if kind == "pixel":
                     continue
-                subset_size = min(fid.KID_SUBSET_SIZE, len(real), len(fake))
-                kid, kid_std = fid.kernel_distance(real, fake, subset_size=subset_size,
-                                                   reuse=reuse)
+                kid, kid_std = fid.kernel_distance(real, fake, reuse=reuse)
                 results.update({f"kid_{kind}_{name}": kid, f"kid_{kind}_{name}_std": kid_std})
                 results.update({f"{metric}_{kind}_{name}": value for metric, value in
                                 fid.precision_recall_density_coverage(real, fake,
@@ -700,8 +698,8 @@ def conditional_metrics(dataset, test_images, y_test, samples, sample_labels):
         per_class["fid_classifier_per_class"].append(fid.frechet_distance(
             fid.statistics_from_features(a, "classifier"),
             fid.statistics_from_features(b, "classifier")) if enough else None)
-        per_class["kid_classifier_per_class"].append(fid.kernel_distance(
-            a, b, subset_size=min(fid.KID_SUBSET_SIZE, len(a), len(b)))[0] if enough else None)
+        per_class["kid_classifier_per_class"].append(
+            fid.kernel_distance(a, b)[0] if enough else None)
     return {"label_accuracy": fid.classifier_accuracy(classifier, samples, sample_labels),
             **per_class}
 
