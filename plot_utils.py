@@ -248,15 +248,15 @@ def progress_frame(originals, reconstructions, samples, columns=10):
     return np.round(255 * np.clip(_tile(cells, ncols=columns, gap=2), 0, 1)).astype(np.uint8)
 
 
-def progress_animation(frames, row_labels=(), scale=2):
-    """The frames of every epoch as PIL images (each labelled "epoch N", enlarged scale times),
-    ready to be saved as one animated GIF. row_labels: one per row of progress_frame's grid, set
-    in a margin on the left."""
+def progress_animation(frames, epochs, row_labels=(), scale=2):
+    """The frames as PIL images (each labelled "epoch N" of epochs, enlarged scale times), ready
+    to be saved as one animated GIF. row_labels: one per row of progress_frame's grid, set in a
+    margin on the left."""
     from PIL import Image, ImageDraw
 
     margin = 6 * max(map(len, row_labels), default=0) + 8 * bool(row_labels)  # 6 px a character
     images = []
-    for epoch, frame in enumerate(frames, start=1):
+    for epoch, frame in zip(epochs, frames):
         height, width = frame.shape
         image = Image.new("L", (margin + width * scale, height * scale + 16), 0)
         enlarged = Image.fromarray(frame).resize((width * scale, height * scale), Image.NEAREST)

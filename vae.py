@@ -50,7 +50,9 @@ from keras import layers, ops  # noqa: E402
 
 @keras.saving.register_keras_serializable(package="mnist_vae")
 class Sampling(layers.Layer):
-    """z ~ q(z|x) by the reparameterisation trick, from a seeded generator."""
+    """z ~ q(z|x) by the reparameterisation trick, from a seeded generator: Keras' own noise
+    (TensorFlow's "auto_select" is Philox) with Philox asked for by name, which under XLA on a
+    CPU costs a tenth of what "auto_select" lowers to."""
 
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -59,8 +61,9 @@ class Sampling(layers.Layer):
 
     def call(self, inputs):
         z_mean, z_log_var = inputs
+        seed = ops.cast(self.seed_generator.next(), "int32")
         return reparameterise(z_mean, z_log_var,
-                              keras.random.normal(ops.shape(z_mean), seed=self.seed_generator))
+                              tf.random.stateless_normal(ops.shape(z_mean), seed, alg="philox"))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
@@ -207,7 +210,7 @@ class VAE(keras.Model):
         binarization draws the whole group's pixels at once (per batch they cost more)."""
         x, condition = self.unpack(data)
         if self.binarize == "dynamic":
-            x = bernoulli_pixels(x, self.binarize_seed_generator)
+            x = bernoulli_pixels(x, self.binarize_seed_generator, self.jit_compile)
         if len(x.shape) == len(self.decoder.output.shape):
             self.update(x, condition)
         else:
@@ -268,11 +271,13 @@ class VAE(keras.Model):
         return cls(**config)
 
 
-def bernoulli_pixels(x, seed_generator):
-    """Binary pixels, 1 with probability their intensity (to 2^-23), drawn afresh at each call by
-    Philox: Keras' default generator, under XLA on a CPU, costs more than the dense network."""
+def bernoulli_pixels(x, seed_generator, xla):
+    """Binary pixels, 1 with probability their intensity (to 2^-23), drawn afresh at each call:
+    under XLA by ThreeFry (on a CPU Philox costs 8 times as much there), else by Philox (the only
+    one TensorFlow's own kernels have)."""
     seed = ops.cast(seed_generator.next(), "int32")
-    return ops.cast(tf.random.stateless_uniform(ops.shape(x), seed, alg="philox") < x, x.dtype)
+    uniform = tf.random.stateless_uniform(ops.shape(x), seed, alg="threefry" if xla else "philox")
+    return ops.cast(uniform < x, x.dtype)
 
 
 def log_likelihood_constant(num_pixels, likelihood):
@@ -845,8 +850,8 @@ def run(args, architecture, run_defining, resume_command):
                             state, resume_command, labels)
             history, seconds_per_epoch = trained.history, trained.seconds_per_epoch
             save_model(model, results_dir / "model.keras")
-        if (results_dir / PROGRESS_FRAMES).is_file():  # drawn again by --evaluate-only too
-            save_progress_animation(results_dir)
+        if (results_dir / PROGRESS_FRAMES).is_file() and seconds_per_epoch:  # --evaluate-only too
+            save_progress_animation(results_dir, len(seconds_per_epoch))
         if history:
             save_figure(plot_utils.loss_curves(history, title=figure_title,
                                                unit=loss_unit(args.likelihood, x_test.shape[1:])),
@@ -1147,7 +1152,7 @@ class RunCallback(keras.callbacks.Callback):
         self.watch_images, self.watch_z, self.watch_labels = watch_images, watch_z, watch_labels
         self.history = dict(resumed_from["history"]) if resumed_from else {}
         self.seconds_per_epoch = list(resumed_from["seconds_per_epoch"]) if resumed_from else []
-        self.frames = list(read_frames(results_dir)[:self.epochs_done])
+        self.frames = list(read_frames(results_dir)[:len(framed_epochs(self.epochs_done))])
         self.saved_epochs = self.epochs_done  # what the checkpoint on disk holds
         self.writer = tensorboard and tf.summary.create_file_writer(
             str(results_dir / "tensorboard" / "progress"))
@@ -1172,9 +1177,11 @@ class RunCallback(keras.callbacks.Callback):
         self.seconds_per_epoch.append(time.perf_counter() - self.epoch_start)
         for name, value in logs.items():
             self.history[name] = [*self.history.get(name, []), float(value)]
-        self.frames.append(self.progress_frame())
-        fid.atomic_write(self.results_dir / PROGRESS_FRAMES,
-                         lambda p: np.save(p, np.stack(self.frames)))
+        frame = self.progress_frame()
+        if framed_epochs(self.epochs_done)[-1:] == [self.epochs_done]:
+            self.frames.append(frame)
+            fid.atomic_write(self.results_dir / PROGRESS_FRAMES,
+                             lambda p: np.save(p, np.stack(self.frames)))
         model_file = f"checkpoint-epoch{self.epochs_done}.keras"
         save_model(self.model, self.results_dir / model_file)
         write_json(self.results_dir / CHECKPOINT_STATE, {
@@ -1195,7 +1202,7 @@ class RunCallback(keras.callbacks.Callback):
             self.curves_seconds = self.curves_drawn - start
         if self.writer:
             with self.writer.as_default():
-                tf.summary.image("progress", self.frames[-1][None, :, :, None], step=epoch)
+                tf.summary.image("progress", frame[None, :, :, None], step=epoch)
             self.writer.flush()
 
     def progress_frame(self):
@@ -1212,6 +1219,14 @@ class RunCallback(keras.callbacks.Callback):
 def random_states(model):
     """The state of each random generator of the model (sampling, dropout, binarization)."""
     return [variable for variable in model.variables if variable.name == "seed_generator_state"]
+
+
+def framed_epochs(epochs_done):
+    """The epochs (from 1) whose progress frame a run keeps: each to 99, then every 10th to 990,
+    every 100th to 9,900 and so on, so that a long run's animation stays short (212 frames of
+    3,280 epochs)."""
+    return [epoch for epoch in range(1, epochs_done + 1)
+            if epoch % 10 ** max(0, len(str(epoch)) - 2) == 0]
 
 
 def read_frames(results_dir):
@@ -1267,9 +1282,10 @@ def save_model(model, path):
     fid.atomic_write(path, model.save)
 
 
-def save_progress_animation(results_dir):
+def save_progress_animation(results_dir, epochs_done):
     rows = ["test", "decoded", *["prior"] * math.ceil(WATCHED_SAMPLES / WATCHED_IMAGES)]
-    images = plot_utils.progress_animation(read_frames(results_dir), row_labels=rows)
+    images = plot_utils.progress_animation(read_frames(results_dir), framed_epochs(epochs_done),
+                                           row_labels=rows)
     fid.atomic_write(results_dir / "progress.gif", lambda p: images[0].save(
         p, format="GIF", save_all=True, append_images=images[1:], duration=200, loop=0))
 

@@ -218,7 +218,7 @@ def test_progress_animation_labels_each_epoch_and_each_row():
     cells = np.concatenate([originals, reconstructed, samples]).reshape(4, 10, 28, 28)
     assert frame.dtype == np.uint8 and np.array_equal(frame, np.round(255 * tiling(cells)))
     rows = ["test", "decoded", "prior", "prior"]
-    plain, labelled = (plot_utils.progress_animation([frame, frame], row_labels=labels)
+    plain, labelled = (plot_utils.progress_animation([frame, frame], [1, 2], row_labels=labels)
                        for labels in ((), rows))
     margin = 6 * len("decoded") + 8
     assert len(labelled) == 2 and labelled[0].size == (plain[0].size[0] + margin, plain[0].size[1])

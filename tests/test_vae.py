@@ -204,10 +204,12 @@ def test_gaussian_constant_turns_squared_error_into_a_density():
     assert vae.log_likelihood_constant(784, "bernoulli") == 0
 
 
-def test_dynamic_binarization_draws_bernoulli_pixels_afresh_at_each_call():
+@pytest.mark.parametrize("xla", [False, True])
+def test_dynamic_binarization_draws_bernoulli_pixels_afresh_at_each_call(xla):
     generator = keras.random.SeedGenerator(0)
     x = np.tile(np.linspace(0, 1, 11, dtype=np.float32), (20_000, 1))
-    first, second = (keras.ops.convert_to_numpy(vae.bernoulli_pixels(x, generator)) for _ in range(2))
+    draw = tf.function(lambda x: vae.bernoulli_pixels(x, generator, xla), jit_compile=xla)
+    first, second = (draw(x).numpy() for _ in range(2))
     np.testing.assert_allclose(first.mean(axis=0), x[0], atol=5 * 0.5 / math.sqrt(20_000))
     assert first[:, 0].max() == 0 and first[:, -1].min() == 1 and not np.array_equal(first, second)
 
@@ -225,6 +227,12 @@ def test_burdas_schedule_and_adam_settings():
         rates.append(float(model.optimizer.learning_rate))
     assert rates == pytest.approx([1e-3, 7.2e-4, 7.2e-4, 5.2e-4, 5.2e-4, 3.7e-4, 1.4e-4, 1e-4, 1e-4], rel=1e-6)
     assert (model.optimizer.beta_1, model.optimizer.epsilon) == (0.99, 1e-4)
+
+
+def test_a_long_run_keeps_a_frame_each_epoch_then_every_10th_then_every_100th():
+    epochs = vae.framed_epochs(3280)
+    assert epochs[:99] == list(range(1, 100)) and epochs[99:101] == [100, 110]
+    assert epochs[-3:] == [3000, 3100, 3200] and len(epochs) == 212
 
 
 def test_binarize_once_draws_bernoulli_pixels():

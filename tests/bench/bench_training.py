@@ -3,6 +3,7 @@
     .venv/bin/python tests/bench/bench_training.py [--data mnist.npz] [--epochs 3]
         [--models dense,conv] [--policies float32,mixed_bfloat16] [--train-size N] [--test-size N]
         [--likelihood-images 500] [--skip-end-to-end]
+    .venv/bin/python tests/bench/bench_training.py --burda [--baseline COMMIT]
 
 Not collected by pytest (its name does not start with test_). It names the CPU and the command,
 and measures the machine's ceiling: a large matrix product in float32 and in bfloat16. For each
@@ -98,13 +99,13 @@ def build(architecture, image_shape, policy="float32", plain=False):
     return model, options
 
 
-def timed_run(script, args, extra):
-    """One training run in its own process: (seconds per epoch, peak resident MB, last test
-    loss)."""
+def timed_run(script, args, extra, root=ROOT):
+    """One training run in its own process (of root's script): (seconds per epoch, peak resident
+    MB, last test loss)."""
     sizes = [arg for name in ("train_size", "test_size") if getattr(args, name)
              for arg in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
     with tempfile.TemporaryDirectory() as results_dir:
-        subprocess.run([sys.executable, str(ROOT / script), "--data", args.data, "--results-dir",
+        subprocess.run([sys.executable, str(root / script), "--data", args.data, "--results-dir",
                         results_dir, "--epochs", str(args.epochs), "--fid", "none",
                         "--iw-samples", "0", *sizes, *extra],
                        cwd=ROOT, check=True, capture_output=True)
@@ -246,20 +247,30 @@ BURDA = ["--likelihood", "bernoulli", "--binarize", "dynamic", "--latent-dim", "
 
 
 def burda_epochs(args, rounds=2):
-    """The recipe's seconds per epoch, and the same without its dynamic binarization (the pixels
-    as they are), alternated: what the binarization costs."""
+    """The recipe's seconds per epoch, the same without its dynamic binarization (the pixels as
+    they are), and with --baseline the recipe as vae.py at that git commit runs it, alternated:
+    what the binarization costs, and the speed-up since the baseline."""
     print(f"\nBurda et al.'s VAE ({shlex.join(BURDA)}), s/epoch after the first, alternated:")
     without = [arg if arg != "dynamic" else "none" for arg in BURDA]
-    times = {"recipe": [], "without binarization": []}
-    for _ in range(rounds):
-        for label, flags in (("recipe", BURDA), ("without binarization", without)):
-            seconds = timed_run("vae.py", argparse.Namespace(**{**vars(args), "train_size": None}),
-                                flags)[0]
-            times[label].append(float(np.median(seconds[1:] or seconds)))
+    with tempfile.TemporaryDirectory() as baseline:
+        runs = {"recipe": (ROOT, BURDA), "without binarization": (ROOT, without)}
+        if args.baseline:  # the repository's files at that commit
+            files = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline],
+                                   check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", baseline], input=files, check=True)
+            runs[f"recipe at {args.baseline}"] = (Path(baseline), BURDA)
+        times = {label: [] for label in runs}
+        for _ in range(rounds):
+            for label, (root, flags) in runs.items():
+                seconds = timed_run("vae.py", argparse.Namespace(
+                    **{**vars(args), "train_size": None}), flags, root)[0]
+                times[label].append(float(np.median(seconds[1:] or seconds)))
     for label, values in times.items():
         print(f"  {label:22s} {' '.join(f'{value:6.2f}' for value in values)}")
-    recipe, bare = (min(values) for values in times.values())
+    recipe, bare, *baseline = (min(values) for values in times.values())
     print(f"  the binarization's share of the recipe's epoch: {(recipe - bare) / recipe:.1%}")
+    if baseline:
+        print(f"  the recipe's epoch against {args.baseline}'s: 1/{baseline[0] / recipe:.2f}")
 
 
 def main():
@@ -280,6 +291,8 @@ def main():
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--burda", action="store_true",
                         help="time only Burda et al.'s recipe, with and without its binarization")
+    parser.add_argument("--baseline", metavar="COMMIT",
+                        help="with --burda, time the recipe as vae.py at this git commit runs it too")
     args = parser.parse_args()
     machine = vae.machine_record()
     print(f"CPU: {machine['cpu']}, {machine['cores']} cores, {machine['isa']}, "
