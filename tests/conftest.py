@@ -42,17 +42,13 @@ def tiny_digits(count, rng):
     return (images * 255).astype(np.uint8), labels
 
 
-def write_tiny_mnist(path, train=256, test=64, seed=0):
-    rng = np.random.default_rng(seed)
-    x_train, y_train = tiny_digits(train, rng)
-    x_test, y_test = tiny_digits(test, rng)
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory):
-    return write_tiny_mnist(tmp_path_factory.mktemp("data") / "tiny.npz")
+    """256 training and 64 test images of tiny_digits in an .npz file like MNIST's."""
+    rng, path = np.random.default_rng(0), tmp_path_factory.mktemp("data") / "tiny.npz"
+    (x_train, y_train), (x_test, y_test) = tiny_digits(256, rng), tiny_digits(64, rng)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +88,13 @@ def run_main(script, *args):
         finally:
             plot_utils.DPI = dpi
     return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_ok(script, *args):
+    """run_main of a run that must succeed."""
+    result = run_main(script, *args)
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def error_lines(stderr):
@@ -135,8 +138,7 @@ def shared_run(tmp_path_factory, script, *args):
     key = digest.hexdigest()[:12]
     with shared_between_workers(tmp_path_factory, f"{Path(script).stem}-{key}") as shared:
         if not (shared / "result.txt").is_file():
-            result = run_main(script, "--results-dir", shared / "run", *args)
-            assert result.returncode == 0, result.stderr
+            result = run_ok(script, "--results-dir", shared / "run", *args)
             (shared / "stdout.txt").write_text(result.stdout)
             (shared / "result.txt").write_text(result.stderr)
         results_dir = tmp_path_factory.mktemp("run") / Path(script).stem

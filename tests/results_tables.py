@@ -63,17 +63,11 @@ def options(config, architecture):
         key, option = action.dest, action.option_strings[-1] if action.option_strings else None
         if key not in config or key in NOT_IN_COMMANDS or option is None:
             continue
-        value = config[key]
-        default = action.default
-        if action.type is vae.fid_kinds:
-            default, value = vae.fid_kinds(default), tuple(value)
-        if value == default and key not in ALWAYS_SHOWN:
-            continue
-        if isinstance(value, bool):
-            flags.append(option)
-        else:
-            shown = ",".join(value) if isinstance(value, tuple) else value
-            flags.append(f"{option} {shown}")
+        value, default = config[key], action.default
+        if action.type is vae.fid_kinds:  # a list in metrics.json, a tuple from the parser
+            value, default = ",".join(value), ",".join(vae.fid_kinds(default))
+        if value != default or key in ALWAYS_SHOWN:
+            flags.append(option if isinstance(value, bool) else f"{option} {value}")
     return " ".join(flags)
 
 
@@ -133,11 +127,10 @@ def readme_table():
                     and not m["config"].get("conditional") else "—")  # the original's models
         if "label_accuracy" in m:
             label += f" (label accuracy {shown(m, 'label_accuracy')})"
+        medians = " | ".join(spread(runs, key, ranged=False) for key in (
+            "fid_classifier_samples", "test_elbo", "test_log_likelihood_iw"))
         rows.append(f"| {label} | {seeds} | {spread(runs, 'fid_pixel_recon')} | {original} | "
-                    f"{spread(runs, 'fid_classifier_samples', ranged=False)} | "
-                    f"{spread(runs, 'test_elbo', ranged=False)} | "
-                    f"{spread(runs, 'test_log_likelihood_iw', ranged=False)} "
-                    f"(K={m.get('iw_samples', '—')}) | {sweep.dimensions_used(runs)} | "
+                    f"{medians} (K={m.get('iw_samples', '—')}) | {sweep.dimensions_used(runs)} | "
                     f"{cpus} | `{command(m, folder)}` |")
     return "\n".join(rows)
 

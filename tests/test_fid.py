@@ -9,6 +9,7 @@ import types
 import warnings
 import zipfile
 from pathlib import Path
+from unittest.mock import Mock
 
 import keras
 import matplotlib.pyplot as plt
@@ -51,7 +52,7 @@ def original_pixel_fid(images_a, images_b):
 
 
 # ---------------------------------------------------------------- frechet_distance
-def test_frechet_distance_matches_closed_forms_is_symmetric_and_zero_for_one_set():
+def test_frechet_distance_matches_closed_forms_is_symmetric_and_zero_for_one_set_and_refuses_a_mismatch():
     assert fid.frechet_distance(gaussian(1.0, 4.0), gaussian(-2.0, 9.0)) == pytest.approx(3**2 + (2 - 3) ** 2)
     mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 1.0])
@@ -61,9 +62,6 @@ def test_frechet_distance_matches_closed_forms_is_symmetric_and_zero_for_one_set
     a, b = statistics(random_images(0)), statistics(random_images(1))
     assert fid.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
     assert fid.frechet_distance(a, b) == pytest.approx(fid.frechet_distance(b, a), rel=1e-9)
-
-
-def test_mismatched_dimensions_kinds_or_covariances_raise():
     with pytest.raises(ValueError, match="dimensions differ: 2 vs 3"):
         fid.frechet_distance(gaussian([0, 0], np.eye(2)), gaussian([0, 0, 0], np.eye(3)))
     with pytest.raises(ValueError, match="pixel statistics with inception"):
@@ -132,8 +130,8 @@ def test_inception_features_are_the_models_whatever_the_batch_size(random_incept
     assert "6/6" in progress and "4/6" not in progress  # not a terminal: one line at the end
 
 
-def test_weights_file_reproduces_model_and_features_and_bad_ones_fail(random_inception, random_weights_file,
-                                                                     six_image_features, tmp_path, capsys):
+def test_weights_file_reproduces_model_and_features_in_float32_or_close_in_bfloat16_and_bad_ones_fail(
+        random_inception, random_weights_file, six_image_features, tmp_path, capsys):
     reloaded = fid.load_inception(random_weights_file)
     assert reloaded.weights_sha256 == random_inception.weights_sha256
     assert fid.load_inception(None).weights_sha256 != random_inception.weights_sha256
@@ -145,10 +143,6 @@ def test_weights_file_reproduces_model_and_features_and_bad_ones_fail(random_inc
     (tmp_path / "corrupt.weights.h5").write_bytes(b"not hdf5")
     with pytest.raises(fid.InceptionUnavailable, match="corrupt.weights.h5"):
         fid.load_inception(tmp_path / "corrupt.weights.h5")
-
-
-def test_bfloat16_inception_features_are_close_and_cached_apart(random_inception, random_weights_file,
-                                                                six_image_features):
     model = fid.load_inception(random_weights_file, dtype_policy="mixed_bfloat16")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     assert model.layers[1].compute_dtype == "bfloat16" and model.weights[0].dtype == "float32"
@@ -160,7 +154,7 @@ def test_bfloat16_inception_features_are_close_and_cached_apart(random_inception
 
 
 # ---------------------------------------------------------------- caching
-def test_compute_features_reads_its_cache_and_replaces_a_damaged_entry(tmp_path, monkeypatch, capsys):
+def test_compute_features_reads_its_cache_by_a_fingerprint_and_replaces_a_damaged_entry(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(fid, "to_unit_float", lambda images, dtype, convert=fid.to_unit_float:
                         calls.append(1) or convert(images, dtype))
@@ -176,18 +170,12 @@ def test_compute_features_reads_its_cache_and_replaces_a_damaged_entry(tmp_path,
     assert [path.name for path in tmp_path.iterdir()] == [entry.name]  # no temporary files left
     fid.compute_features(random_images(5), "pixel", cache_dir=tmp_path, verbose=False)
     assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 2
-
-
-def test_cache_fingerprint_follows_images_weights_and_dtype_policy_in_the_default_folder(monkeypatch, tmp_path):
-    images = random_images(4)
-    model_a, model_b, model_a_bfloat16 = (
-        types.SimpleNamespace(weights_sha256=name, dtype_policy=types.SimpleNamespace(name=policy))
-        for name, policy in (("a", "float32"), ("b", "float32"), ("a", "mixed_bfloat16")))
+    models = [types.SimpleNamespace(weights_sha256=name, dtype_policy=types.SimpleNamespace(name=policy))
+              for name, policy in (("a", "float32"), ("b", "float32"), ("a", "mixed_bfloat16"))]
     fingerprints = {fid.fingerprint(images), fid.fingerprint(images[:-1]), fid.fingerprint(images.astype(np.float32)),
-                    fid.fingerprint(images, model_a), fid.fingerprint(images, model_b),
-                    fid.fingerprint(images, model_a_bfloat16)}
+                    *(fid.fingerprint(images, model) for model in models)}  # images, weights and dtype policy
     assert len(fingerprints) == 6 and fid.fingerprint(images.copy()) == fid.fingerprint(images)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the default folder
     assert fid.default_cache_dir() == tmp_path / "mnist-vae-fid"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert fid.default_cache_dir() == Path.home() / ".cache" / "mnist-vae-fid"
@@ -255,15 +243,10 @@ def brute_force_prdc(real, fake, k):
             "coverage": (real_fake.min(axis=1) <= real_radii).mean()}
 
 
-@pytest.fixture(scope="module")
-def prdc_sets():
-    rng = np.random.default_rng(2)
-    return rng.normal(size=(200, 8)), rng.normal(0.4, 1.3, size=(150, 8))
-
-
 @pytest.mark.parametrize("k", [1, 3, 5, 10])
-def test_prdc_matches_the_definitions_on_any_blocks_and_for_a_set_against_itself_or_far_away(prdc_sets, k):
-    real, fake = prdc_sets
+def test_prdc_matches_the_definitions_on_any_blocks_and_for_a_set_against_itself_or_far_away(k):
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(200, 8)), rng.normal(0.4, 1.3, size=(150, 8))
     expected = brute_force_prdc(real, fake, k)
     assert 0 < expected["precision"] < 1 and 0 < expected["coverage"] < 1  # not a trivial case
     assert fid.precision_recall_density_coverage(real, fake, k=k) == expected  # counts: exact
@@ -311,7 +294,8 @@ def tiny_labelled_digits():
     return (*tiny_digits(512, rng), *tiny_digits(128, rng))
 
 
-def test_two_fresh_caches_give_the_same_classifier_of_the_datas_shape(tiny_labelled_digits, tmp_path, monkeypatch):
+def test_two_fresh_caches_give_the_same_classifier_of_the_datas_shape_and_a_damaged_one_is_trained_again(
+        tiny_labelled_digits, tmp_path, monkeypatch, capsys):
     classifiers = [fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path / name, verbose=False)
                    for name in ("first", "second")]
     assert classifiers[0].weights_sha256 == classifiers[1].weights_sha256
@@ -319,8 +303,9 @@ def test_two_fresh_caches_give_the_same_classifier_of_the_datas_shape(tiny_label
     distances = [fid.frechet_distance(statistics(x_test[:64], "classifier", classifier),
                                       statistics(x_test[64:], "classifier", classifier)) for classifier in classifiers]
     assert distances[0] == distances[1] > 0
-    monkeypatch.setattr(fid, "train_classifier", lambda *args, **kwargs: pytest.fail("trained again"))
-    cached = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path / "first", verbose=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(fid, "train_classifier", lambda *args, **kwargs: pytest.fail("trained again"))
+        cached = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path / "first", verbose=False)
     assert cached.weights_sha256 == classifiers[0].weights_sha256
     assert cached.test_accuracy == classifiers[0].test_accuracy > 0.5
     assert sorted(path.suffix for path in (tmp_path / "first").iterdir()) == [".json", ".keras"]
@@ -330,6 +315,14 @@ def test_two_fresh_caches_give_the_same_classifier_of_the_datas_shape(tiny_label
     assert model.input_shape == (None, 12, 16, 1) and model.output_shape == (None, 3)
     with pytest.raises(ValueError, match="at least 10x10 pixels, got 8x8"):
         fid.build_classifier(random_images(0), np.zeros(100))
+    damaged = next((tmp_path / "first").glob("*.keras"))
+    damaged.write_bytes(b"not a zip")
+    again = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path / "first")
+    assert again.weights_sha256 == classifiers[0].weights_sha256
+    out, err = capsys.readouterr()
+    assert f"ignoring cached classifier: {damaged}: unreadable model file" in err
+    assert out == "" and "12/12" in err and "/step" in err  # 512 images in batches of 128, for 3 epochs
+    assert f"classifier test accuracy {classifiers[0].test_accuracy:.2%}, cached in {damaged}" in err
 
 
 def test_classifier_key_follows_images_and_labels_and_is_the_same_in_every_process(tiny_labelled_digits, tmp_path):
@@ -345,18 +338,6 @@ def test_classifier_key_follows_images_and_labels_and_is_the_same_in_every_proce
     other_process = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), str(tmp_path / "data.npz")],
                                    capture_output=True, text=True, timeout=120)
     assert other_process.stdout.strip() == key, other_process.stderr
-
-
-def test_a_damaged_cached_classifier_is_trained_again_with_a_progress_bar(tiny_labelled_digits, tmp_path, capsys):
-    first = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path, verbose=False)
-    damaged = next(tmp_path.glob("*.keras"))
-    damaged.write_bytes(b"not a zip")
-    again = fid.load_or_train_classifier(*tiny_labelled_digits, cache_dir=tmp_path)
-    assert again.weights_sha256 == first.weights_sha256
-    out, err = capsys.readouterr()
-    assert f"ignoring cached classifier: {damaged}: unreadable model file" in err
-    assert out == "" and "12/12" in err and "/step" in err  # 512 images in batches of 128, for 3 epochs
-    assert f"classifier test accuracy {first.test_accuracy:.2%}, cached in {damaged}" in err
 
 
 # ---------------------------------------------------------------- command line
@@ -384,7 +365,7 @@ def image_files(tmp_path):
                                  a_png=write_png_folder(tmp_path / "a_png", images_a), dir=tmp_path)
 
 
-def test_cli_pixel_fid_on_npz_png_folder_saved_statistics_and_a_chosen_key(image_files, capsys):
+def test_cli_pixel_fid_on_npz_png_folder_saved_statistics_a_chosen_key_and_as_a_real_process(image_files, capsys):
     pixel, expected = ["--features", "pixel"], fid.pixel_fid(image_files.a, image_files.b)
     assert run_main(pixel + [image_files.a_npz, image_files.b_npz], capsys)[:2] == (0, f"FID (pixel): {expected:.4f}\n")
     assert run_main(pixel + [image_files.a_npz, image_files.a_npz], capsys)[:2] == (0, "FID (pixel): 0.0000\n")
@@ -404,6 +385,15 @@ def test_cli_pixel_fid_on_npz_png_folder_saved_statistics_and_a_chosen_key(image
                                      image_files.a_npz], capsys)
     assert (code, out) == (0, f"FID (pixel): {fid.pixel_fid(image_files.b[:50], image_files.a[:50]):.4f}\n")
 
+    def run_script(*args):  # fid.py as a real process
+        return subprocess.run([sys.executable, str(REPO_ROOT / "fid.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=image_files.dir, timeout=120)
+
+    success = run_script(*pixel, image_files.a_npz, image_files.b_npz)
+    assert (success.returncode, success.stdout) == (0, f"FID (pixel): {expected:.4f}\n"), success.stderr
+    failure = run_script(*pixel, "missing.npz", image_files.b_npz)
+    assert failure.returncode == 2 and failure.stderr == "fid.py: error: no such file or folder: missing.npz\n"
+
 
 def test_cli_inception_with_a_weights_file_and_offline(random_inception, random_weights_file, tmp_path, monkeypatch,
                                                        capsys):
@@ -421,10 +411,8 @@ def test_cli_inception_with_a_weights_file_and_offline(random_inception, random_
         np.testing.assert_allclose(compared_statistics.mu, expected.mu, rtol=1e-5, atol=1e-7)
         # float32 features from batches of 3 and of 4 differ in their last bits
         np.testing.assert_allclose(compared_statistics.sigma, expected.sigma, atol=1e-4 * np.abs(expected.sigma).max())
-
-    def offline(weights):
-        raise fid.InceptionUnavailable(f"cannot load Inception weights {weights!r}: URL fetch failure")
-    monkeypatch.setattr(fid, "load_inception", offline)  # the hint names the feature kinds that need no download
+    offline = fid.InceptionUnavailable("cannot load Inception weights 'imagenet': URL fetch failure")
+    monkeypatch.setattr(fid, "load_inception", Mock(side_effect=offline))  # the hint: the kinds that need no download
     code, out, err = run_main([tmp_path / "a.npz", tmp_path / "b.npz"], capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert "URL fetch failure" in err and "--features classifier or --features pixel need no download" in err
@@ -474,7 +462,8 @@ def test_cli_kid_and_prdc_on_the_same_features(image_files, capsys):
     assert (code, out.splitlines()[1]) == (0, f"KID (pixel): {fid.kid_text(mean, std)}") and "KID subsets" not in err
 
 
-def bad_inputs(files):
+def test_cli_bad_inputs_exit_2_with_one_line(image_files, capsys):
+    files = image_files
     (files.dir / "corrupt.npz").write_bytes(b"not an npz")
     (files.dir / "empty").mkdir()
     np.savez(files.dir / "two_arrays.npz", x=files.a, y=files.b)
@@ -488,7 +477,7 @@ def bad_inputs(files):
     np.savez(pixel_stats, **statistics(files.a)._asdict())
     np.savez(small_stats, **statistics(files.a[:, :4, :4])._asdict())
     pixel = ["--features", "pixel"]
-    return [
+    for argv, message in [
         (pixel + [files.dir / "missing.npz", files.b_npz], "no such file or folder"),
         (pixel + [files.dir / "corrupt.npz", files.b_npz], "cannot read"),
         (pixel + [files.dir / "empty", files.b_npz], "no PNG images"),
@@ -508,27 +497,11 @@ def bad_inputs(files):
         (pixel + ["--prdc", "--prdc-k", "100", files.a_npz, files.b_npz], "needs more than 100 images"),
         (pixel + ["--kid", "--save-stats", files.a_npz, files.dir / "out.npz"], "--kid cannot go with it"),
         (pixel + ["--save-stats", files.a_npz, files.dir / "no" / "out.npz"], "its folder does not exist"),
-    ]
-
-
-def test_cli_bad_inputs_exit_2_with_one_line(image_files, capsys):
-    for argv, message in bad_inputs(image_files):
+    ]:
         code, out, err = run_main(argv, capsys)
         assert code == 2, argv
         assert out == "" and len(err.splitlines()) == 1, (argv, err)
         assert err.startswith("fid.py: error: ") and message in err, (argv, err)
-
-
-def test_cli_as_a_real_process(image_files):
-    def run_script(*args):
-        return subprocess.run([sys.executable, str(REPO_ROOT / "fid.py"), *map(str, args)],
-                              capture_output=True, text=True, cwd=image_files.dir, timeout=120)
-
-    success = run_script("--features", "pixel", image_files.a_npz, image_files.b_npz)
-    assert success.returncode == 0, success.stderr
-    assert success.stdout == f"FID (pixel): {fid.pixel_fid(image_files.a, image_files.b):.4f}\n"
-    failure = run_script("--features", "pixel", "missing.npz", image_files.b_npz)
-    assert failure.returncode == 2 and failure.stderr == "fid.py: error: no such file or folder: missing.npz\n"
 
 
 # ---------------------------------------------------------------- what the scripts share
@@ -545,21 +518,14 @@ def test_shared_argument_types_accept_their_range_only(parse, text, value, bad, 
         parse(bad)
 
 
-def test_exit_code_turns_each_failure_into_one_line(capsys):
-    def fail(error):
-        def work():
-            raise error
-        return work
-
-    assert fid.exit_code("prog", lambda: None) == 0
-    assert fid.exit_code("prog", fail(fid.UsageError("bad input"))) == fid.EXIT_USAGE == 2
-    assert fid.exit_code("prog", fail(fid.RunFailed("disk full"))) == fid.EXIT_FAILED == 1
-    assert fid.exit_code("prog", fail(KeyboardInterrupt()), interrupted="saved") == fid.EXIT_INTERRUPTED == 130
+def test_exit_code_and_load_model_turn_each_failure_into_one_line(capsys, tmp_path):
+    assert fid.exit_code("prog", lambda: None) == 0  # each Mock a work that raises its side effect
+    assert fid.exit_code("prog", Mock(side_effect=fid.UsageError("bad input"))) == fid.EXIT_USAGE == 2
+    assert fid.exit_code("prog", Mock(side_effect=fid.RunFailed("disk full"))) == fid.EXIT_FAILED == 1
+    interrupted = Mock(side_effect=KeyboardInterrupt())
+    assert fid.exit_code("prog", interrupted, interrupted="saved") == fid.EXIT_INTERRUPTED == 130
     assert capsys.readouterr() == ("\ninterrupted: saved\n", "prog: error: bad input\nprog: error: disk full\n")
-
-
-def test_load_model_names_the_file_and_what_is_wrong(tmp_path):
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])  # load_model names the file and the fault
     model.save(tmp_path / "whole.keras")
     assert fid.load_model(tmp_path / "whole.keras", compile=False).count_params() == 3
     (tmp_path / "truncated.keras").write_bytes((tmp_path / "whole.keras").read_bytes()[:200])

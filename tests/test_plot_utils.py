@@ -156,7 +156,7 @@ def test_latent_space_names_fashion_mnist_classes(tmp_path):
         plot_utils.latent_space(RNG.normal(size=(20, 2)), labels, class_names=FASHION[:3])
 
 
-def test_latent_space_spreads_a_1d_latent_by_digit(tmp_path):
+def test_latent_space_spreads_a_1d_latent_by_digit_and_projects_a_5d_one_by_pca(tmp_path):
     labels = RNG.permutation(np.arange(50) % 10)  # every digit, so every tick
     fig = plot_utils.latent_space(RNG.normal(size=(50, 1)), labels)
     render(fig, tmp_path)
@@ -165,9 +165,6 @@ def test_latent_space_spreads_a_1d_latent_by_digit(tmp_path):
     assert tick_texts(ax.get_yticklabels()) == [str(d) for d in range(10)]
     y = ax.collections[0].get_offsets()[:, 1]
     assert np.all(np.abs(y - labels) < 0.5)  # each point stays at its digit's row
-
-
-def test_latent_space_projects_a_5d_latent_on_its_principal_components(tmp_path):
     z = RNG.normal(size=(500, 5)) * [5, 2, 1, 1, 1]
     fig = plot_utils.latent_space(z, RNG.integers(0, 10, 500))
     render(fig, tmp_path)

@@ -156,9 +156,12 @@ def starts(results_dir):  # (process id, epochs done before it) of each start
             for line in (Path(results_dir) / "starts.txt").read_text().splitlines()]
 
 
-def two_workers_run_the_grid_once(tmp_path, study_name, storage):
-    """Two workers on a 2x2 grid whose first two runs wait for each other: each worker takes one."""
-    go = tmp_path / "go"
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_two_workers_share_a_study_and_run_each_grid_point_once(tmp_path, request, database):
+    """Two workers on a 2x2 grid whose first two runs wait for each other: each worker takes one.
+    The study in PostgreSQL, or in the embedded default storage (SQLite)."""
+    study_name, go = f"grid-{database}", tmp_path / "go"
+    storage = request.getfixturevalue("postgresql") if database == "postgresql" else None
     args = sweep_args(tmp_path, study_name, "loss=1,2", storage=storage, options=["--seeds=0,1"],
                       script_args=["--epochs", "2", "--sleep", "0.05", "--wait-for", go])
     workers = [start_worker(tmp_path, args, f"worker{i}") for i in range(2)]
@@ -175,16 +178,9 @@ def two_workers_run_the_grid_once(tmp_path, study_name, storage):
     assert {t.user_attrs["worker"].split(":")[1] for t in complete} == {str(w.pid) for w in workers}
     for trial in complete:  # each run once, to the end
         assert [epochs for _, epochs in starts(trial.user_attrs["results_dir"])] == [0]
-
-
-def test_two_workers_share_a_postgresql_study_and_run_each_grid_point_once(tmp_path, postgresql):
-    two_workers_run_the_grid_once(tmp_path, "grid-pg", postgresql)
-
-
-def test_two_workers_share_the_embedded_default_storage(tmp_path):
-    two_workers_run_the_grid_once(tmp_path, "grid-sqlite", None)
-    database = sqlite3.connect(tmp_path / "sweeps" / "optuna.db")
-    assert database.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # readers never block
+    if database == "sqlite":
+        journal = sqlite3.connect(tmp_path / "sweeps" / "optuna.db").execute("PRAGMA journal_mode")
+        assert journal.fetchone() == ("wal",)  # readers never block
 
 
 def process_gone(pid):  # or a zombie until its new parent reaps it
@@ -198,9 +194,8 @@ def test_a_killed_workers_trial_is_resumed_by_another_worker(tmp_path, postgresq
     """A worker killed while its run is held after 2 of 4 epochs; another one started later runs
     the other trial, then resumes the killed one's run."""
     go = tmp_path / "go"
-    args = sweep_args(tmp_path, "killed", "loss=1,2", storage=postgresql,
-                      script_args=["--epochs", "4", "--sleep", "0.05", "--wait-for", go,
-                                   "--wait-after", "2"])
+    args = sweep_args(tmp_path, "killed", "loss=1,2", storage=postgresql, script_args=[
+        "--epochs", "4", "--sleep", "0.05", "--wait-for", go, "--wait-after", "2"])
     first_run = tmp_path / "sweeps" / "killed" / "trial-0"
     killed = start_worker(tmp_path, args, "killed")
     wait_until(lambda: len(sweep.read_history(first_run)) >= 2, [killed])
@@ -218,47 +213,38 @@ def test_a_killed_workers_trial_is_resumed_by_another_worker(tmp_path, postgresq
     assert [epochs for _, epochs in starts(first_run)] == [0, 2]  # resumed, not from epoch 1
 
 
-def test_a_terminated_worker_stops_its_run_cleanly_and_queues_its_trial_again(tmp_path):
-    args = sweep_args(tmp_path, "terminated", "loss=1", script_args=["--epochs", "12"])
-    run = tmp_path / "sweeps" / "terminated" / "trial-0"
+@pytest.mark.parametrize("stop", ["terminated", "late"])
+def test_a_trial_stopped_mid_run_is_queued_again_and_its_copy_resumes_it(tmp_path, stop):
+    """terminated: SIGTERM to the worker, which stops its run cleanly and queues its trial again.
+    late: what another worker does where a heartbeat is late (an overloaded machine): fail the
+    trial mid-run and queue a copy. This worker says so, stops its run and takes the copy."""
+    args = sweep_args(tmp_path, stop, "loss=1", script_args=["--epochs", "12"])
+    run = tmp_path / "sweeps" / stop / "trial-0"
 
-    def terminate_after_two_epochs():
+    def stop_after_two_epochs():
         wait_until(lambda: len(sweep.read_history(run)) >= 2)
-        os.kill(os.getpid(), signal.SIGTERM)  # sweep.main turns it into KeyboardInterrupt
-
-    threading.Thread(target=terminate_after_two_epochs, daemon=True).start()
-    code, out, _ = run_sweep(*args)
-    assert code == 130 and "trial 0 is queued again" in out
-    assert (run / "interrupted").is_file() and not (run / "metrics.json").exists()
-    assert run_sweep(*args)[0] == 0  # the same command again: it takes the queued trial
-    failed, retry = load("terminated", tmp_path).trials
-    assert (failed.state.name, retry.state.name) == ("FAIL", "COMPLETE")
-    assert retry.user_attrs["results_dir"] == str(run) and starts(run)[1][1] >= 2  # resumed
-
-
-def test_a_worker_whose_trial_another_failed_goes_on_and_the_queued_copy_resumes_the_run(tmp_path):
-    """What another worker does where a heartbeat is late (an overloaded machine): fail the trial
-    mid-run and queue a copy. This worker says so, stops its run and takes the copy."""
-    args = sweep_args(tmp_path, "late", "loss=1", script_args=["--epochs", "6"])
-    run = tmp_path / "sweeps" / "late" / "trial-0"
-
-    def fail_after_two_epochs():
-        wait_until(lambda: len(sweep.read_history(run)) >= 2)
-        study = load("late", tmp_path)
+        if stop == "terminated":
+            os.kill(os.getpid(), signal.SIGTERM)  # sweep.main turns it into KeyboardInterrupt
+            return
+        study = load(stop, tmp_path)
         [trial] = study.get_trials(deepcopy=False)
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         sweep.RETRY(study, trial)
 
-    threading.Thread(target=fail_after_two_epochs, daemon=True).start()
+    threading.Thread(target=stop_after_two_epochs, daemon=True).start()
     code, out, err = run_sweep(*args)
-    assert code == 0 and "another worker failed this worker's trial" in out, err
-    failed, retry = load("late", tmp_path).trials
+    if stop == "terminated":
+        assert code == 130 and "trial 0 is queued again" in out
+        assert (run / "interrupted").is_file() and not (run / "metrics.json").exists()
+        assert run_sweep(*args)[0] == 0  # the same command again: it takes the queued trial
+    else:
+        assert code == 0 and "another worker failed this worker's trial" in out, err
+    failed, retry = load(stop, tmp_path).trials
     assert (failed.state.name, retry.state.name) == ("FAIL", "COMPLETE")
-    assert starts(run)[1][1] >= 2  # resumed
+    assert retry.user_attrs["results_dir"] == str(run) and starts(run)[1][1] >= 2  # resumed
 
 
-def test_pruning_stops_a_run_worse_than_the_median_and_a_failed_run_fails_only_its_trial(
-        tmp_path):
+def test_pruning_stops_a_run_worse_than_the_median_and_a_failed_run_fails_only_its_trial(tmp_path):
     """Five runs complete (the median pruner's start-up), then a hopeless one: stopped by SIGINT
     after its first epoch, its checkpoint kept. With --pruner none every run completes, but one
     that exits 1 (a NaN loss)."""
@@ -299,10 +285,9 @@ def test_a_range_samples_configurations_each_run_with_every_seed(tmp_path):
 def test_a_trial_over_the_time_budget_is_pruned_and_the_report_and_csv_say_so(tmp_path):
     """The baseline (the stand-in's default --sleep 0.1) timed before each trial; a configuration 3x
     slower is pruned once its epochs 2 and 3 are timed, a faster one completes with its ratio."""
-    code, out, err = run_sweep(*sweep_args(
-        tmp_path, "budget", "sleep=0.03,0.3", options=["--max-time-ratio=2", "--pruner=none",
-                                                       "--baseline-every=0"],
-        script_args=["--epochs", "6"]))
+    options = ["--max-time-ratio=2", "--pruner=none", "--baseline-every=0"]
+    code, out, err = run_sweep(*sweep_args(tmp_path, "budget", "sleep=0.03,0.3", options=options,
+                                           script_args=["--epochs", "6"]))
     assert code == 0 and out.count("timing the baseline for 4 epochs") == 2, err  # before each
     assert "trial 1 pruned: " in out, out
     study = load("budget", tmp_path)
@@ -399,8 +384,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_tuning_csv_goes_through_a_study_unchanged_and_its_report_is_the_committed_table(
-        tmp_path):
+def test_tuning_csv_goes_through_a_study_unchanged_and_its_report_is_the_committed_table(tmp_path):
     tuning = ROOT / "results" / "tuning.csv"
     study = sweep.study_from_csv(tuning)
     sweep.export_csv(study, tmp_path / "tuning.csv")

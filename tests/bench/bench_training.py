@@ -15,7 +15,9 @@ shapes) as a share of that policy's matmul ceiling and the peak resident memory;
 step alone (in-memory batches looped inside one compiled program) in each policy and as --plain
 builds it, the likelihood estimate (the model's K) in each policy, and a per-layer profile of one
 training step in each policy; last, `python vae.py --latent-dim 2 --epochs 30 --fid pixel` end to
-end. Run it with nothing else on the machine: the runs share its cores.
+end. `--burda` times Burda et al.'s recipe alone, with and without its dynamic binarization and,
+with `--baseline COMMIT`, as vae.py at that commit runs it. Run it with nothing else on the
+machine: the runs share its cores.
 """
 
 import argparse
