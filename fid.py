@@ -247,9 +247,9 @@ def polynomial_kernel_sum(x, y):
     return total
 
 
-def kernel_distance(features_a, features_b, subsets=100, subset_size=None, seed=0, reuse=None):
+def kernel_distance(features_a, features_b, subsets=100, subset_size=None, seed=0):
     """KID, the unbiased (so possibly negative) MMD^2 with kernel (x.y / d + 1)^3, as (mean, ddof=0
-    std) over random subsets, as in torch-fidelity; reuse (test_set_parts) keeps a's sums."""
+    std) over random subsets, as in torch-fidelity."""
     a, b = check_feature_sets(features_a, features_b)
     subset_size = subset_size or min(KID_SUBSET_SIZE, len(a), len(b))
     if subset_size > min(len(a), len(b)):
@@ -258,16 +258,12 @@ def kernel_distance(features_a, features_b, subsets=100, subset_size=None, seed=
     if subset_size < 2:
         raise ValueError(f"subset_size must be at least 2, got {subset_size}")
     rng, m = np.random.default_rng(seed), subset_size
-    reuse = {} if reuse is None else reuse
     estimates = np.empty(subsets)
     for index in range(subsets):
-        x_rows = rng.choice(len(a), m, replace=False)
-        x, y = a[x_rows], b[rng.choice(len(b), m, replace=False)]
-        key = "kid-" + hashlib.sha256(x_rows.tobytes()).hexdigest()[:32]
-        if key not in reuse:
-            reuse[key] = polynomial_kernel_sum(x, x)
-        estimates[index] = ((reuse[key] + polynomial_kernel_sum(y, y)) / (m * (m - 1))
-                            - 2 * polynomial_kernel_sum(x, y) / m**2)
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        estimates[index] = ((polynomial_kernel_sum(x, x) + polynomial_kernel_sum(y, y))
+                            / (m * (m - 1)) - 2 * polynomial_kernel_sum(x, y) / m**2)
     return float(estimates.mean()), float(estimates.std())
 
 
@@ -306,23 +302,19 @@ def kth_neighbour_radii(features, norms, k, block_size):
 
 
 def precision_recall_density_coverage(real_features, fake_features, k=NEAREST_NEIGHBOURS,
-                                      block_size=1000, reuse=None):
+                                      block_size=1000):
     """Precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020)
     from closed balls reaching each sample's k-th nearest neighbour in its own set: the share of
     fake samples in a real ball (fidelity), of real samples in a fake ball (diversity), the real
     balls holding each fake sample over k (about 1 for one distribution; (k + 1) / k for a set
     against itself, 1 with prdc's open balls), and the share of real balls holding a fake one
-    (diversity, robust to outliers). reuse: as kernel_distance's, keeping the real radii."""
+    (diversity, robust to outliers)."""
     real, fake = check_feature_sets(real_features, fake_features)
     if not 1 <= k < min(len(real), len(fake)):
         raise ValueError(f"k={k} needs more than k samples in each set and k >= 1, "
                          f"got {len(real)} real and {len(fake)} fake")
     real_norms, fake_norms = (np.einsum("ij,ij->i", x, x) for x in (real, fake))
-    reuse = {} if reuse is None else reuse
-    key = f"radii-k{k}-block{block_size}"
-    if key not in reuse:
-        reuse[key] = kth_neighbour_radii(real, real_norms, k, block_size)
-    real_radii = reuse[key]
+    real_radii = kth_neighbour_radii(real, real_norms, k, block_size)
     fake_radii = kth_neighbour_radii(fake, fake_norms, k, block_size)
     balls_holding_fake = np.zeros(len(fake), dtype=np.int64)
     recalled, covered = np.empty(len(real), bool), np.empty(len(real), bool)
@@ -336,22 +328,6 @@ def precision_recall_density_coverage(real_features, fake_features, k=NEAREST_NE
     return {"precision": float(np.mean(balls_holding_fake > 0)), "recall": float(recalled.mean()),
             "density": float(balls_holding_fake.sum() / (k * len(fake))),
             "coverage": float(covered.mean())}
-
-
-@contextlib.contextmanager
-def test_set_parts(real_features, cache_dir=None):
-    """The reuse dict of kernel_distance and precision_recall_density_coverage for real_features,
-    read from cache_dir (unreadable: empty) and written back if the calls added to it."""
-    path = cache_dir and Path(cache_dir) / f"kid-knn-parts-{fingerprint(real_features)}.npz"
-    try:
-        reuse = read_npz(path) if path and path.exists() else {}
-    except ValueError:
-        reuse = {}
-    known = set(reuse)
-    yield reuse
-    if path and set(reuse) != known:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_npz(path, **reuse)
 
 
 # ---- Digit classifier ----

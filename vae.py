@@ -672,18 +672,16 @@ def fids(args, test_images, reconstructions, samples, dataset, inception, incept
         cache_dir = None if kind == "pixel" else fid.default_cache_dir()
         real = fid.compute_features(test_images, kind, **options, cache_dir=cache_dir)
         real_statistics = fid.statistics_from_features(real, kind)
-        with fid.test_set_parts(real, cache_dir) as reuse:  # the test set's KID and k-NN parts
-            for name, images in (("recon", reconstructions), ("samples", samples)):
-                fake = fid.compute_features(images, kind, **options)
-                results[f"fid_{kind}_{name}"] = fid.frechet_distance(
-                    real_statistics, fid.statistics_from_features(fake, kind))
-                if kind == "pixel":
-                    continue
-                kid, kid_std = fid.kernel_distance(real, fake, reuse=reuse)
-                results.update({f"kid_{kind}_{name}": kid, f"kid_{kind}_{name}_std": kid_std})
-                results.update({f"{metric}_{kind}_{name}": value for metric, value in
-                                fid.precision_recall_density_coverage(real, fake,
-                                                                      reuse=reuse).items()})
+        for name, images in (("recon", reconstructions), ("samples", samples)):
+            fake = fid.compute_features(images, kind, **options)
+            results[f"fid_{kind}_{name}"] = fid.frechet_distance(
+                real_statistics, fid.statistics_from_features(fake, kind))
+            if kind == "pixel":
+                continue
+            kid, kid_std = fid.kernel_distance(real, fake)
+            results.update({f"kid_{kind}_{name}": kid, f"kid_{kind}_{name}_std": kid_std})
+            results.update({f"{metric}_{kind}_{name}": value for metric, value in
+                            fid.precision_recall_density_coverage(real, fake).items()})
         seconds[kind] = time.perf_counter() - start
     return {**results, "fid_seconds": {step: round(value, 2) for step, value in seconds.items()}}
 

@@ -199,33 +199,6 @@ def test_kernel_distance_matches_the_unbiased_formula_on_one_subset_of_all_sampl
         fid.kernel_distance(a, b[:, :6], subset_size=5)
 
 
-def test_the_test_sets_parts_are_computed_once_then_read_from_the_cache(monkeypatch, tmp_path):
-    """A run compares its test set with its reconstructions and its samples; a later run reads its parts."""
-    rng = np.random.default_rng(2)
-    real, recon, samples = (rng.normal(shift, 1, size=(300, 8)) for shift in (0, 0.2, 0.5))
-    separate = [(fid.kernel_distance(real, fake, subsets=4, subset_size=100),
-                 fid.precision_recall_density_coverage(real, fake, k=3)) for fake in (recon, samples)]
-    kernels, radii = [], []
-    monkeypatch.setattr(fid, "polynomial_kernel_sum", lambda x, y, kernel_sum=fid.polynomial_kernel_sum:
-                        kernels.append(x is y) or kernel_sum(x, y))
-    monkeypatch.setattr(fid, "kth_neighbour_radii", lambda *args, radii_of=fid.kth_neighbour_radii:
-                        radii.append(args[0] is real) or radii_of(*args))
-
-    def run():
-        kernels.clear(), radii.clear()
-        with fid.test_set_parts(real, tmp_path) as reuse:
-            return [(fid.kernel_distance(real, fake, subsets=4, subset_size=100, reuse=reuse),
-                     fid.precision_recall_density_coverage(real, fake, k=3, reuse=reuse)) for fake in (recon, samples)]
-
-    assert run() == separate and kernels.count(True) == 4 + 2 * 4 and radii == [True, False, False]
-    [entry] = tmp_path.glob("kid-knn-parts-*.npz")
-    written = entry.stat().st_mtime_ns
-    assert run() == separate and kernels.count(True) == 2 * 4 and radii == [False, False]  # only the fakes'
-    assert entry.stat().st_mtime_ns == written  # nothing new: not written again
-    entry.write_bytes(b"truncated")
-    assert run() == separate and kernels.count(True) == 4 + 2 * 4
-
-
 # ------------------------------------------------ precision, recall, density, coverage
 def brute_force_prdc(real, fake, k):
     """The definitions on full cdist matrices, written out independently of fid.py."""

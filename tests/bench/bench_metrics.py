@@ -3,18 +3,14 @@
     .venv/bin/python tests/bench/bench_metrics.py [--sizes 10000,50000] [--dim 128]
 
 Not collected by pytest. What a run adds to its evaluation per feature kind: the test set against
-its reconstructions, then against its samples, as vae.fids does it (the test set's KID subsets and
-k-NN radii computed once, on a later run read from the cache: fid.test_set_parts), against the
-same two comparisons made separately; then the peak memory
-of the k-NN metrics (NumPy's allocations, traced by tracemalloc) at each size, which the
+its reconstructions, then against its samples, as vae.fids does it; then the peak memory of the
+k-NN metrics (NumPy's allocations, traced by tracemalloc) at each size, which the
 row blocks keep at block_size x N instead of N x N. Features are random ReLU vectors of the
 classifier's width (128): the cost depends on the sizes only.
 """
 
 import argparse
-import contextlib
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -30,16 +26,15 @@ def relu_features(count, dim, shift, seed):
     return np.maximum(np.random.default_rng(seed).normal(shift, 1, (count, dim)), 0)
 
 
-def run_metrics(real, fakes, shared):
-    """KID and the k-NN metrics of each fake set against real, sharing the shared dict (None:
-    nothing shared); seconds of each part."""
+def run_metrics(real, fakes):
+    """KID and the k-NN metrics of each fake set against real: seconds of each part."""
     seconds = {"kid": 0.0, "prdc": 0.0}
     for fake in fakes:
         start = time.perf_counter()
-        fid.kernel_distance(real, fake, reuse=shared)
+        fid.kernel_distance(real, fake)
         seconds["kid"] += time.perf_counter() - start
         start = time.perf_counter()
-        fid.precision_recall_density_coverage(real, fake, reuse=shared)
+        fid.precision_recall_density_coverage(real, fake)
         seconds["prdc"] += time.perf_counter() - start
     return seconds
 
@@ -57,15 +52,9 @@ def main():
     fakes = [relu_features(count, args.dim, shift, seed) for seed, shift in ((1, 0.1), (2, 0.3))]
     print(f"KID and k-NN metrics, {count:,} test vs {count:,} reconstructions and {count:,} "
           f"samples, {args.dim}-d features:")
-    with tempfile.TemporaryDirectory() as cache_dir:
-        ways = {"separate calls": contextlib.nullcontext(None),
-                "test set's part once (first run)": fid.test_set_parts(real, cache_dir),
-                "test set's part cached (later runs)": fid.test_set_parts(real, cache_dir)}
-        for what, shared in ways.items():
-            with shared as reuse:
-                seconds = run_metrics(real, fakes, reuse)
-            print(f"  {what:36}: KID {seconds['kid']:6.2f} s   k-NN {seconds['prdc']:6.2f} s   "
-                  f"total {sum(seconds.values()):6.2f} s")
+    seconds = run_metrics(real, fakes)
+    print(f"  KID {seconds['kid']:6.2f} s   k-NN {seconds['prdc']:6.2f} s   "
+          f"total {sum(seconds.values()):6.2f} s")
 
     print("peak memory of precision_recall_density_coverage (block_size 1000):")
     for count in sizes:
