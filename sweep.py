@@ -182,8 +182,12 @@ def shown(url):
 def open_storage(args):
     """Optuna's RDBStorage, which records heartbeats (JournalStorage does not). Workers that start
     together race to create its tables: the losers try again. SQLite waits SQLITE_TIMEOUT for
-    another worker's write, in write-ahead-log mode (readers and the writer do not block)."""
-    sqlite = {} if args.storage else {"connect_args": {"timeout": SQLITE_TIMEOUT}}
+    another worker's write, in write-ahead-log mode; each of its transactions takes the write lock
+    as it begins, so that two workers cannot both read a queued trial as waiting and both claim it
+    (SQLite has no SELECT ... FOR UPDATE, and Python's sqlite3 begins a transaction at its first
+    write)."""
+    sqlite = {} if args.storage else {"connect_args": {"timeout": SQLITE_TIMEOUT,
+                                                       "isolation_level": None}}
     if sqlite:
         Path(args.sweeps_dir).mkdir(parents=True, exist_ok=True)
     for attempt in range(5):
@@ -201,6 +205,8 @@ def open_storage(args):
     if sqlite:
         with storage.engine.connect() as connection:  # the file keeps the mode
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        sqlalchemy.event.listen(storage.engine, "begin",
+                                lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     return storage
 
 

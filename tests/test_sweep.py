@@ -475,3 +475,25 @@ def test_a_real_vae_trial_reports_its_epochs_and_metrics(tmp_path, tiny_mnist, m
     assert (row["flags"], row["seed"], row["epochs"], float(row["fid_pixel_recon"])) == (
         trial.user_attrs["flags"], "0", "2", round(metrics["fid_pixel_recon"], 3))
     assert row["test_log_likelihood_iw"] == row["iw_samples"] == ""  # --iw-samples 0
+
+
+def test_two_workers_on_sqlite_never_claim_the_same_queued_trial(tmp_path):
+    """A claim reads a trial as waiting, then marks it running: on SQLite, unless the transaction
+    takes the write lock first, two workers can both read it as waiting and both run it."""
+    args = sweep.parse_args(sweep_args(tmp_path, "queue", "loss=1"))
+    optuna.create_study(storage=sweep.open_storage(args), study_name="queue")
+    studies = [optuna.load_study(study_name="queue", storage=sweep.open_storage(args))
+               for _ in range(2)]
+    for _ in range(100):
+        studies[0].enqueue_trial({"loss": 1})
+    claimed = []
+
+    def claim(study):
+        while (trial_id := study._pop_waiting_trial_id()) is not None:
+            claimed.append(trial_id)
+    threads = [threading.Thread(target=claim, args=(study,)) for study in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(trial._trial_id for trial in studies[0].trials)  # once each
