@@ -714,6 +714,8 @@ non_negative_int = whole_number("non_negative_int", 0, "0 or more")  # 0 means "
 positive_float = argument_type("positive_float", float, lambda value: 0 < value < math.inf,
                                "a positive number")
 unit_interval = argument_type("unit_interval", float, lambda value: 0 <= value < 1, "in [0, 1)")
+non_negative_float = argument_type("non_negative_float", float, lambda value: 0 <= value < math.inf,
+                                   "0 or more")
 
 # What TensorFlow prints on a CPU-only machine before its logging starts (so TF_CPP_MIN_LOG_LEVEL
 # cannot silence it): dropped by start_tensorflow, one known message each.

@@ -323,6 +323,9 @@ def build_parser(architecture):
           help="decay of Adam's first moment (Burda et al. 2016: 0.99)")
     train("--adam-epsilon", type=fid.positive_float, default=1e-7,
           help="added to the root of Adam's second moment (Burda et al. 2016: 1e-4)")
+    train("--adam-second-moment-init", type=fid.non_negative_float, default=0.0,
+          help="the second moments Adam starts from (Burda et al. 2016: 1, which keeps the first "
+               "updates small until they decay)")
     train("--seed", type=int, default=0, help="seed for weights, shuffling, sampling, evaluation")
     train("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
           help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli binary "
@@ -485,6 +488,9 @@ def compile_model(model, args, xla):
                                                   epsilon=args.adam_epsilon), jit_compile=xla)
     # Adam's variables now: made inside the first traced step, they would trace it twice.
     model.optimizer.build(model.trainable_variables)
+    for variable in model.optimizer.variables:
+        if variable.path.endswith("_velocity"):  # the second moments
+            variable.assign(ops.full_like(variable, args.adam_second_moment_init))
 
 
 def train(model, args, architecture, title, results_dir, x_train, x_test, state, resume_command,

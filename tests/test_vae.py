@@ -203,12 +203,18 @@ def test_dynamic_binarization_draws_bernoulli_pixels_afresh_at_each_call(xla):
 
 def test_burdas_schedule_adam_settings_and_progress_frames():
     """Burda et al. (2016): stage i (from 0) of 3^i epochs at 10^(1 - i/7) / 10 of the rate, as
-    their code rounds it; their Adam's beta_1 and epsilon. Their 3,280 epochs keep a progress
-    frame each epoch to 99, then every 10th, then every 100th."""
+    their code rounds it; their Adam (optimizers.py: beta_1, epsilon, second moments from 1), whose
+    first step is theirs. Their 3,280 epochs keep a progress frame each epoch to 99, then every
+    10th, then every 100th."""
     args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="tanh", learning_rate=1e-3,
-                              lr_schedule="burda", adam_beta_1=0.99, adam_epsilon=1e-4)
+                              lr_schedule="burda", adam_beta_1=0.99, adam_epsilon=1e-4, adam_second_moment_init=1.0)
     model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), updates_per_epoch=5)
     vae.compile_model(model, args, xla=False)
+    before = model.trainable_weights[0].numpy()
+    model.optimizer.apply([keras.ops.full_like(w, 0.5) for w in model.trainable_weights], model.trainable_weights)
+    m, v = 0.01 * 0.5, 0.999 * 1.0 + 0.001 * 0.5**2  # their moments after the first gradient, 0.5
+    step = 1e-3 * math.sqrt(1 - 0.999) / (1 - 0.99) * m / (math.sqrt(v) + 1e-4)
+    np.testing.assert_allclose(before - model.trainable_weights[0].numpy(), step, rtol=5e-3)  # float32 weights
     rates = []
     for epoch in (0, 1, 3, 4, 12, 13, 1092, 1093, 3279):
         model.optimizer.iterations.assign(5 * epoch)
@@ -250,7 +256,7 @@ def test_fast_path_holds_each_image_once_per_epoch_in_a_fresh_seeded_order_and_t
     # Graph steps, not XLA (which draws other random numbers, and takes ten seconds to compile
     # here): test_real_mnist_run trains grouped XLA steps.
     for batches_per_step in (1, 4):
-        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7,
+        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7, adam_second_moment_init=0.0,
                                   xla=False, plain=False, latent_dim=2, hidden_dim=32, hidden_layers=1, activation="relu")
         keras.utils.set_random_seed(0)
         model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
@@ -479,7 +485,7 @@ def dense_model(policy, likelihood="gaussian"):
                               dtype_policy=policy, beta=1.0, kl_warmup_epochs=0, conditional=False)
     model = vae.build_model(args, vae.DENSE, IMAGE)
     model(np.zeros((1, 28, 28, 1), np.float32))
-    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7, plain=False), xla=False)
+    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7, adam_second_moment_init=0.0, plain=False), xla=False)
     return model
 
 
