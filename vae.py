@@ -52,7 +52,7 @@ from keras import layers, ops  # noqa: E402
 class Sampling(layers.Layer):
     """z ~ q(z|x) by the reparameterisation trick, from a seeded generator: Keras' own noise
     (TensorFlow's "auto_select" is Philox) with Philox asked for by name, which under XLA on a
-    CPU costs a tenth of what "auto_select" lowers to."""
+    CPU is far cheaper than what "auto_select" lowers to."""
 
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -273,8 +273,8 @@ class VAE(keras.Model):
 
 def bernoulli_pixels(x, seed_generator, xla):
     """Binary pixels, 1 with probability their intensity (to 2^-23), drawn afresh at each call:
-    under XLA by ThreeFry (on a CPU Philox costs 8 times as much there), else by Philox (the only
-    one TensorFlow's own kernels have)."""
+    under XLA by ThreeFry (on a CPU much cheaper there than Philox), else by Philox (the only one
+    TensorFlow's own kernels have)."""
     seed = ops.cast(seed_generator.next(), "int32")
     uniform = tf.random.stateless_uniform(ops.shape(x), seed, alg="threefry" if xla else "philox")
     return ops.cast(uniform < x, x.dtype)
