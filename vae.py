@@ -1181,8 +1181,9 @@ class RunCallback(keras.callbacks.Callback):
         self.seconds_per_epoch.append(time.perf_counter() - self.epoch_start)
         for name, value in logs.items():
             self.history[name] = [*self.history.get(name, []), float(value)]
-        frame = self.progress_frame()
-        if framed_epochs(self.epochs_done)[-1:] == [self.epochs_done]:
+        framed = framed_epochs(self.epochs_done)[-1:] == [self.epochs_done]
+        frame = self.progress_frame() if framed or self.writer else None
+        if framed:
             self.frames.append(frame)
             fid.atomic_write(self.results_dir / PROGRESS_FRAMES,
                              lambda p: np.save(p, np.stack(self.frames)))
