@@ -326,6 +326,10 @@ def build_parser(architecture):
     train("--adam-second-moment-init", type=fid.non_negative_float, default=0.0,
           help="the second moments Adam starts from (Burda et al. 2016: 1, which keeps the first "
                "updates small until they decay)")
+    train("--output-bias", choices=("zero", "data-mean"), default="zero",
+          help="the decoder's last bias at the start: zero (grey images), or the logit of the "
+               "training images' mean, so that training starts from the mean image (Burda et al. "
+               "2016; it keeps more latent units active)")
     train("--seed", type=int, default=0, help="seed for weights, shuffling, sampling, evaluation")
     train("--likelihood", choices=("gaussian", "bernoulli"), default="gaussian",
           help="decoder p(x|z): gaussian is the original 784*MSE loss, bernoulli binary "
@@ -472,6 +476,15 @@ def build_model(args, architecture, image_shape, updates_per_epoch=1):
                    updates_per_epoch=updates_per_epoch, classes=classes)
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def start_at_data_mean(decoder, x_train):
+    """--output-bias data-mean: the decoder's last bias at the logit of the training images' mean
+    (each pixel's, or each channel's for a convolution), clipped to [0.001, 0.999] as in Burda et
+    al.'s code, so that the first updates model digits rather than the mean image."""
+    bias = [layer.bias for layer in decoder.layers if getattr(layer, "bias", None) is not None][-1]
+    mean = np.clip(x_train.reshape(-1, bias.shape[0]).mean(axis=0), 0.001, 0.999)
+    bias.assign(np.log(mean / (1.0 - mean)))
 
 
 def compile_model(model, args, xla):
@@ -849,7 +862,9 @@ def run(args, architecture, run_defining, resume_command):
                 model = build_model(args, architecture, x_train.shape[1:],
                                     math.ceil(len(x_train) / args.batch_size))
                 model((x_train[:1], labels[0][:1]) if labels else x_train[:1])  # weights, so that
-                compile_model(model, args, xla and not args.plain)  # checkpoints hold them
+                if args.output_bias == "data-mean":  # checkpoints hold them
+                    start_at_data_mean(model.decoder, x_train)
+                compile_model(model, args, xla and not args.plain)
             trained = train(model, args, architecture, figure_title, results_dir, x_train, x_test,
                             state, resume_command, labels)
             history, seconds_per_epoch = trained.history, trained.seconds_per_epoch

@@ -63,6 +63,8 @@ def test_architecture_matches_the_original(plain, conv, dropout):
     assert [layer.__class__.__name__ for layer in decoder.layers[1:]] == [
         "Dense", "Reshape", *[f"{conv}Transpose"] * 2, dropout, f"{conv}Transpose", "Activation"]
     assert decoder.output.shape == (None, 28, 28, 1) and decoder.layers[-1].get_config()["activation"] == "sigmoid"
+    vae.start_at_data_mean(decoder, np.full((3, 28, 28, 1), 0.2, np.float32))  # one bias: the images' mean
+    np.testing.assert_allclose(keras.ops.sigmoid(decoder.layers[-2].bias), [0.2], rtol=1e-5)
 
 
 def test_activation_dense_layers_and_a_label_after_the_convolutions_and_beside_z_reach_both_networks():

@@ -226,6 +226,19 @@ def test_burdas_schedule_adam_settings_and_progress_frames():
     assert epochs[-3:] == [3000, 3100, 3200] and len(epochs) == 212
 
 
+def test_output_bias_data_mean_starts_the_decoder_at_the_training_images_mean():
+    """Burda et al.'s initialisation: with its last kernel at zero the decoder draws each pixel's
+    training mean, a pixel never on at 0.001 (a finite logit)."""
+    x = np.random.default_rng(0).uniform(size=(50, *IMAGE)).astype(np.float32)
+    x[:, 0, 0] = 0
+    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="tanh")
+    decoder = vae.dense_decoder(args, IMAGE)
+    vae.start_at_data_mean(decoder, x)
+    decoder.layers[-2].kernel.assign(np.zeros(decoder.layers[-2].kernel.shape))
+    expected = np.clip(x.mean(axis=0), 0.001, 0.999)
+    np.testing.assert_allclose(decoder(np.zeros((1, 2))).numpy()[0], expected, rtol=1e-5)
+
+
 def test_binarize_once_draws_bernoulli_pixels():
     x = np.full((100, 28, 28, 1), 0.3, np.float32)
     binary = vae.binarize_once(x, seed=0)
@@ -722,12 +735,14 @@ def test_finished_run_is_not_overwritten(finished_run, tiny_mnist):
 
 
 def test_higher_latent_dimension_uses_pca_and_skips_the_manifold(tmp_path, tiny_mnist):
-    args = ["--latent-dim", "20", "--likelihood", "bernoulli", "--binarize", "dynamic", "--plain", "--fid", "none"]
+    args = ["--latent-dim", "20", "--likelihood", "bernoulli", "--binarize", "dynamic", "--output-bias", "data-mean",
+            "--plain", "--fid", "none"]
     result = run_ok("vae.py", "--data", tiny_mnist, "--results-dir", tmp_path, *QUICK, *args)
     assert "manifold figure is skipped" in result.stdout
     assert not (tmp_path / "manifold.png").exists() and (tmp_path / "interpolation.png").stat().st_size > 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["config"]["likelihood"] == "bernoulli" and metrics["config"]["plain"] is True
+    assert (metrics["config"]["likelihood"], metrics["config"]["output_bias"], metrics["config"]["plain"]) == (
+        "bernoulli", "data-mean", True)
     assert math.isfinite(metrics["test_log_likelihood_iw"])
 
 
