@@ -630,11 +630,11 @@ def importance_weighted_log_likelihood(model, x, num_samples, seed, posterior=No
             epsilon = rng.standard_normal((end - begin, size, z_mean.shape[1])).astype(np.float32)
             calls = math.ceil((end - begin) / max(1, decodes_per_call // size))
             step = math.ceil((end - begin) / calls)  # even calls: 50 + 50, not 99 + 1 (a retrace)
+            bounds = [*range(begin, end, step), end]
             chunks.append(ops.concatenate([
-                log_weights(x[i:i + step], z_mean[i:i + step], z_log_var[i:i + step],
-                            epsilon[i - begin:i - begin + step],
-                            *([] if condition is None else [condition[i:i + step]]))
-                for i in range(begin, end, step)], axis=0))
+                log_weights(x[i:j], z_mean[i:j], z_log_var[i:j], epsilon[i - begin:j - begin],
+                            *([] if condition is None else [condition[i:j]]))
+                for i, j in zip(bounds, bounds[1:])], axis=0))
         all_weights = ops.concatenate(chunks, axis=1)
         estimates[begin:end] = (ops.convert_to_numpy(ops.logsumexp(all_weights, axis=1))
                                 - math.log(num_samples))
