@@ -862,9 +862,9 @@ def run(args, architecture, run_defining, resume_command):
                 model = build_model(args, architecture, x_train.shape[1:],
                                     math.ceil(len(x_train) / args.batch_size))
                 model((x_train[:1], labels[0][:1]) if labels else x_train[:1])  # weights, so that
-                if args.output_bias == "data-mean":  # checkpoints hold them
+                compile_model(model, args, xla and not args.plain)  # checkpoints hold them
+                if args.output_bias == "data-mean":
                     start_at_data_mean(model.decoder, x_train)
-                compile_model(model, args, xla and not args.plain)
             trained = train(model, args, architecture, figure_title, results_dir, x_train, x_test,
                             state, resume_command, labels)
             history, seconds_per_epoch = trained.history, trained.seconds_per_epoch

@@ -29,6 +29,11 @@ import vae
 
 IMAGE = (28, 28, 1)  # the tiny data's image shape
 
+
+def dense_args(**changes):
+    """vae.py's options at their defaults (its parser's), with changes."""
+    return argparse.Namespace(**{**vars(vae.build_parser(vae.DENSE)[0].parse_args([])), **changes})
+
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +211,8 @@ def test_burdas_schedule_adam_settings_and_progress_frames():
     their code rounds it; their Adam (optimizers.py: beta_1, epsilon, second moments from 1), whose
     first step is theirs. Their 3,280 epochs keep a progress frame each epoch to 99, then every
     10th, then every 100th."""
-    args = argparse.Namespace(latent_dim=2, hidden_dim=8, hidden_layers=1, activation="tanh", learning_rate=1e-3,
-                              lr_schedule="burda", adam_beta_1=0.99, adam_epsilon=1e-4, adam_second_moment_init=1.0)
+    args = dense_args(hidden_dim=8, activation="tanh", lr_schedule="burda", adam_beta_1=0.99, adam_epsilon=1e-4,
+                      adam_second_moment_init=1.0)
     model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), updates_per_epoch=5)
     vae.compile_model(model, args, xla=False)
     before = model.trainable_weights[0].numpy()
@@ -269,12 +274,11 @@ def test_fast_path_holds_each_image_once_per_epoch_in_a_fresh_seeded_order_and_t
     # Graph steps, not XLA (which draws other random numbers, and takes ten seconds to compile
     # here): test_real_mnist_run trains grouped XLA steps.
     for batches_per_step in (1, 4):
-        args = argparse.Namespace(batch_size=16, batches_per_step=batches_per_step, seed=0, learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7, adam_second_moment_init=0.0,
-                                  xla=False, plain=False, latent_dim=2, hidden_dim=32, hidden_layers=1, activation="relu")
+        args = dense_args(batch_size=16, hidden_dim=32)
         keras.utils.set_random_seed(0)
         model = vae.VAE(vae.dense_encoder(args, IMAGE), vae.dense_decoder(args, IMAGE), seed=0)
-        vae.compile_model(model, args, args.xla)
-        train, _, groups_per_epoch = vae.make_datasets(x, x, args.batch_size, args.batches_per_step, args.seed)
+        vae.compile_model(model, args, xla=False)
+        train, _, groups_per_epoch = vae.make_datasets(x, x, args.batch_size, batches_per_step, args.seed)
         model.fit(train, steps_per_epoch=groups_per_epoch, epochs=2, shuffle=False, verbose=0)
         weights.append(model.get_weights())
         updates.append(int(model.optimizer.iterations))
@@ -494,11 +498,10 @@ def test_warmup_and_tensorboard_logs_continue_exactly_across_a_resume_and_the_el
 
 
 def dense_model(policy, likelihood="gaussian"):
-    args = argparse.Namespace(latent_dim=2, hidden_dim=64, hidden_layers=1, activation="relu", likelihood=likelihood, binarize="none", seed=0,
-                              dtype_policy=policy, beta=1.0, kl_warmup_epochs=0, conditional=False)
+    args = dense_args(hidden_dim=64, likelihood=likelihood, dtype_policy=policy)
     model = vae.build_model(args, vae.DENSE, IMAGE)
     model(np.zeros((1, 28, 28, 1), np.float32))
-    vae.compile_model(model, argparse.Namespace(learning_rate=1e-3, lr_schedule="constant", adam_beta_1=0.9, adam_epsilon=1e-7, adam_second_moment_init=0.0, plain=False), xla=False)
+    vae.compile_model(model, args, xla=False)
     return model
 
 
