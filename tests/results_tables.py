@@ -188,7 +188,7 @@ def literature_table():
         "estimate, s | command |", "|---|---|---|---|---|---|---|---|---|---|",
         f"| VAE, 50 latent units | **{shown(m, 'test_log_likelihood_iw')}** (K={m['iw_samples']}) | "
         f"−86.76 | {m['active_units']} | 19 | {shown(m, 'test_elbo')} | {cpu(m)} | "
-        f"{number(statistics.median(m['seconds_per_epoch']))} | {m["iw_seconds"]:.0f} | "
+        f"{number(statistics.median(m['seconds_per_epoch']))} | {m['iw_seconds']:.0f} | "
         f"`{command(m, 'vae_burda')}` |"])
 
 
