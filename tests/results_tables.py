@@ -34,6 +34,7 @@ RUNS = [
 ]
 # Committed for their figures beside a row's example: results/studies/collapse.md shows them.
 OTHER_EXAMPLES = ["conv_vae_amx"]  # seed 0 of conv, as the original, on the AMX CPU
+LITERATURE = "vae_burda"  # the run of Burda et al. (2016)'s recipe: README's literature table
 ORIGINAL_PIXEL_FID = {"vae.py": "20.359", "conv_vae.py": "15.511"}  # the original's README
 ALWAYS_SHOWN = ("latent_dim", "epochs")  # in every command, as the original gives them
 NOT_IN_COMMANDS = ("data", "results_dir")  # machine-specific; the command names its own folder
@@ -137,7 +138,7 @@ def readme_table():
 
 def index_table():
     """results/README.md's index: each README row's pixel FID, what made it, and where it is."""
-    rows = ["| README row | pixel FID | made by | seeds | numbers in | CPU "
+    rows = ["| README row | pixel FID, or what it names | made by | seeds | numbers in | CPU "
             "| example (seed 0): CPU, pixel FID |", "|---|---|---|---|---|---|---|"]
     for folder, label, study, m, trials, runs, seeds, cpus in sources():
         ratio = sweep.median(trials, "time_ratio") if trials else None
@@ -148,6 +149,12 @@ def index_table():
                     + f" | `{made}` | {seeds} | `results/"
                     f"{'seeds.csv' if trials else folder + '/metrics.json'}` | {cpus} | "
                     f"`results/{folder}/`: {cpu(m)}, {shown(m, 'fid_pixel_recon')} |")
+    m = load_metrics(LITERATURE)  # and its cost: the median epoch's and the estimate's seconds
+    rows.append(f"| literature: VAE | log p(x) **{shown(m, 'test_log_likelihood_iw')}**; "
+                f"{number(statistics.median(m['seconds_per_epoch']))} s per epoch, estimate "
+                f"{m['iw_seconds']:.0f} s | `{command(m, LITERATURE)}` | 0 | "
+                f"`results/{LITERATURE}/metrics.json` | {cpu(m)} | `results/{LITERATURE}/`: "
+                f"{cpu(m)}, {shown(m, 'fid_pixel_recon')} |")
     return "\n".join(rows)
 
 
@@ -180,16 +187,14 @@ def kid_prdc_table():
 
 
 def literature_table():
-    """The run of Burda et al. (2016)'s recipe beside their Table 1 (one stochastic layer, VAE, k=1),
-    and what it cost: its median seconds per epoch and the estimate's seconds."""
-    m = load_metrics("vae_burda")
+    """The run of Burda et al.'s recipe beside their Table 1 (one stochastic layer, VAE, k=1)."""
+    m = load_metrics(LITERATURE)
     return "\n".join([
-        "| model | log p(x) | paper | active units | paper | test ELBO | CPU | s per epoch | "
-        "estimate, s | command |", "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | log p(x) | paper | active units | paper | test ELBO | CPU | command |",
+        "|---|---|---|---|---|---|---|---|",
         f"| VAE, 50 latent units | **{shown(m, 'test_log_likelihood_iw')}** (K={m['iw_samples']}) | "
         f"−86.76 | {m['active_units']} | 19 | {shown(m, 'test_elbo')} | {cpu(m)} | "
-        f"{number(statistics.median(m['seconds_per_epoch']))} | {m['iw_seconds']:.0f} | "
-        f"`{command(m, 'vae_burda')}` |"])
+        f"`{command(m, LITERATURE)}` |"])
 
 
 def report(csv_name):  # `python sweep.py --study NAME --report` of a study holding the CSV's runs
