@@ -87,8 +87,8 @@ def loss_curves(history, title="VAE", unit="loss per image"):
         ax.set_title(total if key == "loss" else TERM_TITLES.get(term, term))
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, n_epochs + 0.5)  # room for a lone first/last point
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=7, steps=[1, 2, 5, 10], integer=True,
-                                               min_n_ticks=1))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=7 if n_epochs < 1000 else 4, integer=True,
+                                               steps=[1, 2, 5, 10], min_n_ticks=1))  # 4 digits wide
         ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
         ax.grid(alpha=0.3)
     axes[0].legend(frameon=False)  # same colours in every panel

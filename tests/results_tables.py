@@ -1,11 +1,7 @@
-"""The markdown tables of the committed results, printed from their files, so that README.md,
-results/README.md and results/studies/ cannot drift from them (tests/test_readme.py checks them).
-
-    python tests/results_tables.py            # print the tables
-    python tests/results_tables.py --write    # put them into their documents
-
-Each table sits in its document between `<!-- NAME -->` and `<!-- /NAME -->`.
-"""
+"""The markdown tables of the committed results, printed from their files so that README.md,
+results/README.md and results/studies/ cannot drift from them (tests/test_readme.py checks them):
+`python tests/results_tables.py` prints them, `--write` puts each into its document between
+`<!-- NAME -->` and `<!-- /NAME -->`."""
 
 import json
 import re
@@ -94,8 +90,7 @@ def shown(metrics, key):
 
 
 def cpu(metrics):
-    """The CPU kind that made the run (avx2, avx512, amx: float32 results differ across kinds in
-    their late digits)."""
+    """The CPU kind that made the run (avx2, avx512, amx): float32 digits differ across kinds."""
     return metrics.get("machine", {}).get("isa", "—")
 
 
@@ -150,11 +145,11 @@ def index_table():
                     f"{'seeds.csv' if trials else folder + '/metrics.json'}` | {cpus} | "
                     f"`results/{folder}/`: {cpu(m)}, {shown(m, 'fid_pixel_recon')} |")
     m = load_metrics(LITERATURE)  # and its cost: the median epoch's and the estimate's seconds
-    rows.append(f"| literature: VAE | log p(x) **{shown(m, 'test_log_likelihood_iw')}**; "
-                f"{number(statistics.median(m['seconds_per_epoch']))} s per epoch, estimate "
-                f"{m['iw_seconds']:.0f} s | `{command(m, LITERATURE)}` | 0 | "
-                f"`results/{LITERATURE}/metrics.json` | {cpu(m)} | `results/{LITERATURE}/`: "
-                f"{cpu(m)}, {shown(m, 'fid_pixel_recon')} |")
+    epoch = number(statistics.median(m["seconds_per_epoch"]))
+    rows.append(f"| literature: VAE | log p(x) **{shown(m, 'test_log_likelihood_iw')}**; {epoch} s "
+                f"per epoch, estimate {m['iw_seconds']:.0f} s | "
+                f"`{command(m, LITERATURE)}` | 0 | `results/{LITERATURE}/metrics.json` | {cpu(m)} | "
+                f"`results/{LITERATURE}/`: {cpu(m)}, {shown(m, 'fid_pixel_recon')} |")
     return "\n".join(rows)
 
 
