@@ -61,17 +61,16 @@ def tick_texts(labels):
 def test_loss_curves(tmp_path, n_epochs):
     fig = plot_utils.loss_curves(history(n_epochs), title="Dense", unit="nats per image − 448.7")
     render(fig, tmp_path)
-    renderer = fig.canvas.get_renderer()
     assert fig.get_suptitle() == "Dense: loss per epoch"
     assert [ax.get_title() for ax in fig.axes] == ["total", "reconstruction", "KL divergence"]
     assert fig.axes[0].get_ylabel() == "nats per image − 448.7"
     for ax in fig.axes:
         assert ax.get_xlabel() == "epoch"
-        marker = "o" if n_epochs <= 30 else "None"
-        assert [line.get_marker() for line in ax.get_lines()] == [marker] * 2  # train and test
+        markers = [line.get_marker() for line in ax.get_lines()]  # train and test
+        assert markers == ["o" if n_epochs <= 30 else "None"] * 2
         ticks = [t for t in ax.get_xticks() if 1 <= t <= n_epochs]
         assert ticks and all(float(t).is_integer() for t in ticks)
-        shown = sorted((label.get_window_extent(renderer) for label in ax.get_xticklabels()
+        shown = sorted((label.get_window_extent() for label in ax.get_xticklabels()
                         if label.get_visible() and label.get_text()), key=lambda box: box.x0)
         assert all(left.x1 < right.x0 for left, right in zip(shown, shown[1:]))  # none overlap
     assert tick_texts(fig.axes[0].get_legend().get_texts()) == ["train", "test"]

@@ -34,9 +34,8 @@ def dense_args(**changes):
     """vae.py's options at their defaults (its parser's), with changes."""
     return argparse.Namespace(**{**vars(vae.build_parser(vae.DENSE)[0].parse_args([])), **changes})
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+
+# ---- Data ----------------------------------------------------------------------------------------
 
 
 def write_idx_folder(folder, npz, compress=False):
@@ -115,9 +114,7 @@ def test_unreadable_idx_files_are_usage_errors(tmp_path, tiny_mnist, damage, mes
         vae.load_dataset(folder)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model maths
-# ----------------------------------------------------------------------------------------------
+# ---- Model maths ---------------------------------------------------------------------------------
 
 
 def test_sampling_has_the_posterior_mean_and_variance():
@@ -252,9 +249,7 @@ def test_binarize_once_draws_bernoulli_pixels():
     np.testing.assert_array_equal(binary, vae.binarize_once(x, seed=0))
 
 
-# ----------------------------------------------------------------------------------------------
-# The fast training path: same batches, same updates
-# ----------------------------------------------------------------------------------------------
+# ---- The fast training path: same batches, same updates ------------------------------------------
 
 
 def test_fast_path_holds_each_image_once_per_epoch_in_a_fresh_seeded_order_and_trains_as_single_batches(tiny_mnist):
@@ -349,10 +344,8 @@ def test_cosine_schedule_survives_an_interrupt_and_resume_and_cannot_be_extended
     assert "schedule ends at epoch 10; resume with --epochs 10" in error_lines(refused.stderr)[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Likelihood estimates, on a model whose marginal likelihood is known exactly:
+# ---- Likelihood estimates, on a model whose marginal likelihood is known exactly: ----------------
 # z ~ N(0, I), x | z ~ N(W z + b, 1/2 I)  =>  p(x) = N(b, W W^T + 1/2 I)
-# ----------------------------------------------------------------------------------------------
 
 LATENT, PIXELS = 2, 5
 
@@ -429,9 +422,7 @@ def test_chunking_does_not_change_the_estimate():
     # output and the output again: 4 * (5 + 5) bytes): each batch of 10 as 4 + 4 + 2
 
 
-# ----------------------------------------------------------------------------------------------
-# beta and KL warm-up
-# ----------------------------------------------------------------------------------------------
+# ---- beta and KL warm-up -------------------------------------------------------------------------
 
 
 def test_kl_weight_rises_linearly_over_the_warmup_epochs_then_stays_at_beta():
@@ -492,9 +483,7 @@ def test_warmup_and_tensorboard_logs_continue_exactly_across_a_resume_and_the_el
         assert steps[key] == [0, 1, 2], key
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixed precision
-# ----------------------------------------------------------------------------------------------
+# ---- Mixed precision -----------------------------------------------------------------------------
 
 
 def dense_model(policy, likelihood="gaussian"):
@@ -566,9 +555,7 @@ def test_the_machine_record_names_the_cpu_kind_and_a_kernel_cap(monkeypatch):
     assert record["isa"] == kind and record["onednn_max_cpu_isa"] == "AVX2" and record["cores"] >= 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: bad input fails in seconds with one line and exit code 2
-# ----------------------------------------------------------------------------------------------
+# ---- Command line: bad input fails in seconds with one line and exit code 2 ----------------------
 
 
 @pytest.mark.parametrize("args, message", [
@@ -648,9 +635,7 @@ def test_a_run_prints_no_tensorflow_startup_lines(tmp_path, tiny_mnist):
     assert "absl" not in output and "I0000" not in output and "final_train_loss" in output
 
 
-# ----------------------------------------------------------------------------------------------
-# Whole runs
-# ----------------------------------------------------------------------------------------------
+# ---- Whole runs ----------------------------------------------------------------------------------
 
 OUTPUTS = ["model.keras", "history.csv", "loss_curves.png", "reconstruction_images.png", "interpolation.png", "progress.gif",
            "latent_space_representation.png", "manifold.png", "samples.png", "metrics.json"]
@@ -940,9 +925,7 @@ def test_one_class_data_trains_and_evaluates(tmp_path):
     np.testing.assert_array_equal(ends, x[1:20:2])
 
 
-# ----------------------------------------------------------------------------------------------
-# The conditional VAE
-# ----------------------------------------------------------------------------------------------
+# ---- The conditional VAE -------------------------------------------------------------------------
 
 CONDITIONAL = ["--conditional", "--batch-size", "16", "--fid", "none", "--iw-samples", "0"]
 
